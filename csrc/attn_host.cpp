@@ -1,0 +1,202 @@
+#include "attn_host.h"
+
+#include <cmath>
+
+#include "common/dropout_rng.h"
+
+namespace ring_attn {
+namespace {
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_qkv(const FwdArgs& a, c10::DeviceType device) {
+  const at::Tensor* ts[3] = {&a.q, &a.k, &a.v};
+  const char* names[3] = {"q", "k", "v"};
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(ts[i]->dim() == 4, "ring_attn: ", names[i],
+                " must be 4-D [B, H, S, D], got ", ts[i]->dim(), "-D of shape ", ts[i]->sizes());
+    TORCH_CHECK(ts[i]->device().type() == device, "ring_attn: ", names[i], " must be on ",
+                device, ", got ", ts[i]->device());
+    TORCH_CHECK(ts[i]->scalar_type() == a.q.scalar_type(), "ring_attn: ", names[i],
+                " dtype must match q's ", a.q.scalar_type(), ", got ", ts[i]->scalar_type());
+    TORCH_CHECK(ts[i]->device() == a.q.device(), "ring_attn: ", names[i],
+                " must be on q's device ", a.q.device(), ", got ", ts[i]->device());
+  }
+  TORCH_CHECK(is_float_dtype(a.q.scalar_type()),
+              "ring_attn: q dtype must be float32, float64, float16 or bfloat16, got ",
+              a.q.scalar_type());
+  const auto B = a.q.size(0), Hq = a.q.size(1), D = a.q.size(3);
+  const auto Hk = a.k.size(1), Sk = a.k.size(2);
+  TORCH_CHECK(a.k.size(0) == B && a.v.size(0) == B, "ring_attn: batch sizes differ: q ", B,
+              ", k ", a.k.size(0), ", v ", a.v.size(0));
+  TORCH_CHECK(a.v.size(1) == Hk, "ring_attn: k and v head counts differ: k ", Hk, ", v ",
+              a.v.size(1));
+  TORCH_CHECK(Hk > 0 ? Hq % Hk == 0 : Hq == 0, "ring_attn: q heads (", Hq,
+              ") must be a multiple of k/v heads (", Hk, ")");
+  TORCH_CHECK(a.k.size(3) == D, "ring_attn: k head dim must equal q's ", D, ", got ",
+              a.k.size(3));
+  TORCH_CHECK(a.v.size(2) == Sk, "ring_attn: k and v lengths differ: k ", Sk, ", v ",
+              a.v.size(2));
+  TORCH_CHECK(a.dropout_p >= 0.0 && a.dropout_p < 1.0, "ring_attn: dropout_p must be in [0, 1), got ",
+              a.dropout_p);
+  TORCH_CHECK(std::isfinite(a.scale), "ring_attn: scale must be finite, got ", a.scale);
+}
+
+// Last dim unit-stride for vectorised loads; other strides (including 0) are kept.
+at::Tensor unit_last(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+void strides4(const at::Tensor& t, int64_t* s) {
+  for (int i = 0; i < 4; ++i) s[i] = t.stride(i);
+  if (t.size(3) <= 1) s[3] = 1;
+}
+
+at::Tensor prepare_pos(const std::optional<at::Tensor>& pos, int64_t len, const char* name,
+                       const at::Tensor& q) {
+  if (!pos.has_value()) return at::Tensor();
+  const auto& p = *pos;
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == len, "ring_attn: ", name, " must have shape [", len,
+              "], got ", p.sizes());
+  TORCH_CHECK(!at::isFloatingType(p.scalar_type()) && p.scalar_type() != at::kBool,
+              "ring_attn: ", name, " must be an integer tensor, got ", p.scalar_type());
+  return p.to(q.device(), at::kLong).contiguous();
+}
+
+// The mask stays a broadcast view: at most its own elements are converted (bool stays
+// one byte, floating becomes float32), then expanded with stride 0.
+at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q,
+                        int64_t Hq, int64_t Sk, AttnMaskParams& mp) {
+  mp.kind = MaskKind::kNone;
+  mp.ptr = nullptr;
+  for (auto& s : mp.stride) s = 0;
+  if (!mask.has_value()) return at::Tensor();
+  at::Tensor m = *mask;
+  TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
+              "ring_attn: attn_mask dtype must be bool or floating, got ", m.scalar_type());
+  TORCH_CHECK(m.device() == q.device(), "ring_attn: attn_mask must be on q's device ", q.device(),
+              ", got ", m.device());
+  TORCH_CHECK(m.dim() == 4, "ring_attn: attn_mask must be 4-D (broadcastable to [B, Hq, Sq, Sk]), got ",
+              m.dim(), "-D of shape ", m.sizes());
+  const std::vector<int64_t> full = {q.size(0), Hq, q.size(2), Sk};
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK(m.size(i) == full[i] || m.size(i) == 1, "ring_attn: attn_mask shape ", m.sizes(),
+                " does not broadcast to [B, Hq, Sq, Sk] = ", at::IntArrayRef(full));
+  }
+  if (m.scalar_type() == at::kBool) {
+    mp.kind = MaskKind::kBool;
+  } else {
+    mp.kind = MaskKind::kFloat;
+    m = m.to(at::kFloat);
+  }
+  m = m.expand(full);
+  for (int i = 0; i < 4; ++i) mp.stride[i] = full[i] == 1 ? 0 : m.stride(i);
+  mp.ptr = m.data_ptr();
+  return m;
+}
+
+void fill_common(const FwdArgs& a, PreparedFwd& r, AttnMaskParams& mp, DropoutParams& dp,
+                 AttnShape& shape) {
+  shape = {a.q.size(0), a.q.size(1), a.k.size(1), a.q.size(2), a.k.size(2), a.q.size(3),
+           a.v.size(3)};
+  r.mask = prepare_mask(a.attn_mask, a.q, shape.Hq, shape.Sk, mp);
+  r.q_pos = prepare_pos(a.q_pos, shape.Sq, "q_pos", a.q);
+  r.k_pos = prepare_pos(a.k_pos, shape.Sk, "k_pos", a.q);
+  mp.q_pos = r.q_pos.defined() ? r.q_pos.data_ptr<int64_t>() : nullptr;
+  mp.k_pos = r.k_pos.defined() ? r.k_pos.data_ptr<int64_t>() : nullptr;
+  mp.q_offset = a.q_offset;
+  mp.k_offset = a.k_offset;
+  mp.causal = a.is_causal;
+  dp.p = static_cast<float>(a.dropout_p);
+  dp.threshold = dropout_threshold(a.dropout_p);
+  dp.seed = 0;
+  if (a.dropout_p > 0.0) {
+    TORCH_CHECK(a.seed.has_value(), "ring_attn: seed is required when dropout_p > 0 (got dropout_p = ",
+                a.dropout_p, " and no seed)");
+    TORCH_CHECK(a.seed->numel() == 1 && !at::isFloatingType(a.seed->scalar_type()),
+                "ring_attn: seed must be a one-element integer tensor, got shape ", a.seed->sizes(),
+                " dtype ", a.seed->scalar_type());
+    dp.seed = static_cast<uint64_t>(a.seed->item<int64_t>());
+  }
+  r.q = unit_last(a.q);
+  r.k = unit_last(a.k);
+  r.v = unit_last(a.v);
+}
+
+}  // namespace
+
+PreparedFwd prepare_fwd(const FwdArgs& a, bool out_fp32, c10::DeviceType device) {
+  check_qkv(a, device);
+  PreparedFwd r;
+  AttnFwdParams& p = r.params;
+  fill_common(a, r, p.mask, p.dropout, p.shape);
+  const auto& s = p.shape;
+  const auto out_dtype = out_fp32 ? at::kFloat : a.q.scalar_type();
+  r.out = at::empty({s.B, s.Hq, s.Sq, s.Dv}, a.q.options().dtype(out_dtype));
+  r.lse = at::empty({s.B, s.Hq, s.Sq}, a.q.options().dtype(at::kFloat));
+  p.q = r.q.data_ptr();
+  p.k = r.k.data_ptr();
+  p.v = r.v.data_ptr();
+  strides4(r.q, p.q_stride);
+  strides4(r.k, p.k_stride);
+  strides4(r.v, p.v_stride);
+  p.out = r.out.data_ptr();
+  p.lse = r.lse.data_ptr<float>();
+  p.scale = a.scale;
+  return r;
+}
+
+PreparedBwd prepare_bwd(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                        const std::optional<at::Tensor>& dlse, const FwdArgs& a,
+                        bool grad_fp32, c10::DeviceType device) {
+  check_qkv(a, device);
+  const std::vector<int64_t> out_shape = {a.q.size(0), a.q.size(1), a.q.size(2), a.v.size(3)};
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef(out_shape), "ring_attn: dout must have shape ",
+              at::IntArrayRef(out_shape), ", got ", dout.sizes());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), "ring_attn: out must have shape ",
+              at::IntArrayRef(out_shape), ", got ", out.sizes());
+  const std::vector<int64_t> lse_shape = {a.q.size(0), a.q.size(1), a.q.size(2)};
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "ring_attn: lse must have shape ",
+              at::IntArrayRef(lse_shape), ", got ", lse.sizes());
+  for (const at::Tensor* t : {&dout, &out, &lse}) {
+    TORCH_CHECK(t->device() == a.q.device(), "ring_attn: dout/out/lse must be on q's device ",
+                a.q.device(), ", got ", t->device());
+  }
+  PreparedBwd r;
+  AttnBwdParams& p = r.params;
+  PreparedFwd tmp;
+  fill_common(a, tmp, p.mask, p.dropout, p.shape);
+  r.q = tmp.q; r.k = tmp.k; r.v = tmp.v;
+  r.mask = tmp.mask; r.q_pos = tmp.q_pos; r.k_pos = tmp.k_pos;
+  r.dout = unit_last(dout.to(a.q.scalar_type()));
+  r.lse = lse.to(at::kFloat).contiguous();
+  // delta_i = sum_d dout_id * out_id - dlse_i, in float32 (float64 for float64 inputs).
+  const auto acc = a.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor delta = (dout.to(acc) * out.to(acc)).sum(-1);
+  if (dlse.has_value() && dlse->defined()) delta = delta - dlse->to(acc);
+  r.delta = delta.contiguous();
+  const auto g_dtype = grad_fp32 ? at::kFloat : a.q.scalar_type();
+  r.dq = at::empty(a.q.sizes(), a.q.options().dtype(g_dtype));
+  r.dk = at::empty(a.k.sizes(), a.k.options().dtype(g_dtype));
+  r.dv = at::empty(a.v.sizes(), a.v.options().dtype(g_dtype));
+  p.q = r.q.data_ptr(); p.k = r.k.data_ptr(); p.v = r.v.data_ptr(); p.dout = r.dout.data_ptr();
+  strides4(r.q, p.q_stride);
+  strides4(r.k, p.k_stride);
+  strides4(r.v, p.v_stride);
+  strides4(r.dout, p.dout_stride);
+  p.lse = r.lse.data_ptr<float>();
+  p.delta = r.delta.data_ptr();
+  p.dq = r.dq.data_ptr(); p.dk = r.dk.data_ptr(); p.dv = r.dv.data_ptr();
+  p.scale = a.scale;
+  return r;
+}
+
+at::Tensor sum_kv_groups(const at::Tensor& per_q_head, int64_t hk) {
+  const auto B = per_q_head.size(0), Hq = per_q_head.size(1);
+  if (Hq == hk) return per_q_head;
+  return per_q_head.view({B, hk, Hq / hk, per_q_head.size(2), per_q_head.size(3)}).sum(2);
+}
+
+}  // namespace ring_attn

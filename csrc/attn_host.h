@@ -1,0 +1,48 @@
+// Host-side preparation shared by every backend: ATen checks that name the argument, the
+// expected and the actual value; mask broadcasting (stride 0, never materialised);
+// position maps; output allocation; and the parameter structs the kernels take.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <vector>
+
+#include "common/attn_params.h"
+
+namespace ring_attn {
+
+struct FwdArgs {
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  const std::optional<at::Tensor>& attn_mask;
+  const std::optional<at::Tensor>& q_pos;
+  const std::optional<at::Tensor>& k_pos;
+  int64_t q_offset, k_offset;
+  bool is_causal;
+  double scale, dropout_p;
+  const std::optional<at::Tensor>& seed;
+};
+
+// Everything a backend needs to launch: the params plus the tensors their pointers point
+// into (kept alive here).
+struct PreparedFwd {
+  AttnFwdParams params;
+  at::Tensor q, k, v, out, lse, mask, q_pos, k_pos;
+};
+
+struct PreparedBwd {
+  AttnBwdParams params;
+  at::Tensor q, k, v, dout, lse, delta, dq, dk, dv, mask, q_pos, k_pos;
+};
+
+PreparedFwd prepare_fwd(const FwdArgs& a, bool out_fp32, c10::DeviceType device);
+
+PreparedBwd prepare_bwd(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                        const std::optional<at::Tensor>& dlse, const FwdArgs& a,
+                        bool grad_fp32, c10::DeviceType device);
+
+// Reduce float32 per-query-head dK/dV [B, Hq, Sk, *] to [B, Hk, Sk, *] for backends whose
+// kernels write one slice per query head.
+at::Tensor sum_kv_groups(const at::Tensor& per_q_head, int64_t hk);
+
+}  // namespace ring_attn

@@ -1,0 +1,80 @@
+"""Typed bindings of the ring_attn ops: the C++ kernels, their fake (shape) kernels for
+torch.compile, and autograd (backward of attn_fwd calls attn_bwd)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that registers torch.ops.ring_attn)
+
+Tensor = torch.Tensor
+
+
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+             q_pos: Optional[Tensor] = None, k_pos: Optional[Tensor] = None,
+             q_offset: int = 0, k_offset: int = 0, is_causal: bool = False,
+             scale: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+             out_fp32: bool = False) -> tuple[Tensor, Tensor]:
+    """Local attention of one (query block, key block) pair; returns (out, lse)."""
+    return torch.ops.ring_attn.attn_fwd.default(
+        q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset, is_causal, scale,
+        dropout_p, seed, out_fp32)
+
+
+def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             dlse: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+             q_pos: Optional[Tensor] = None, k_pos: Optional[Tensor] = None,
+             q_offset: int = 0, k_offset: int = 0, is_causal: bool = False,
+             scale: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+             grad_fp32: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of attn_fwd given the out and lse to use."""
+    return torch.ops.ring_attn.attn_bwd.default(
+        dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, q_offset, k_offset,
+        is_causal, scale, dropout_p, seed, grad_fp32)
+
+
+@torch.library.register_fake("ring_attn::attn_fwd")
+def _attn_fwd_fake(q, k, v, attn_mask=None, q_pos=None, k_pos=None, q_offset=0, k_offset=0,
+                   is_causal=False, scale=1.0, dropout_p=0.0, seed=None, out_fp32=False):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                 lambda: "ring_attn: q, k, v must be 4-D")
+    B, Hq, Sq, _ = q.shape
+    out_dtype = torch.float32 if out_fp32 else q.dtype
+    out = q.new_empty((B, Hq, Sq, v.shape[-1]), dtype=out_dtype)
+    lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("ring_attn::attn_bwd")
+def _attn_bwd_fake(dout, q, k, v, out, lse, dlse=None, attn_mask=None, q_pos=None, k_pos=None,
+                   q_offset=0, k_offset=0, is_causal=False, scale=1.0, dropout_p=0.0,
+                   seed=None, grad_fp32=False):
+    g = torch.float32 if grad_fp32 else q.dtype
+    return (torch.empty(q.shape, dtype=g, device=q.device),
+            torch.empty(k.shape, dtype=g, device=k.device),
+            torch.empty(v.shape, dtype=g, device=v.device))
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset, is_causal, scale, dropout_p,
+     seed, out_fp32) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, q_pos, k_pos, seed)
+    ctx.args = (q_offset, k_offset, is_causal, scale, dropout_p)
+    ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, attn_mask, q_pos, k_pos, seed = ctx.saved_tensors
+    q_offset, k_offset, is_causal, scale, dropout_p = ctx.args
+    if ctx.mask_needs_grad:
+        raise RuntimeError("ring_attn: gradients with respect to attn_mask are not supported")
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, q_offset,
+                          k_offset, is_causal, scale, dropout_p, seed, False)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("ring_attn::attn_fwd", _backward, setup_context=_setup_context)
