@@ -26,8 +26,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # AVX2/FMA is the baseline every x86-64 server of the last decade has. AVX-512 code lives in
 # sources named *_avx512.cpp that raise their own ISA with `#pragma GCC target` and are
 # entered only after a runtime CPU check, so no AVX-512 instruction runs on a CPU without
-# it. They are linked last: GNU ld keeps the first copy of an inline function emitted by
-# several objects, so shared header code always comes from the baseline objects.
+# it. Those files include every header *before* the pragma, so no inline function of a
+# shared header is ever emitted with AVX-512 code (the build sorts objects by name before
+# linking, so link order cannot be relied on to pick the baseline copy).
 # torch >= 2.10 headers need C++20, which cpp_extension adds itself; our kernel code stays
 # within C++17 so it also compiles where an older standard is forced.
 BASE_CXX = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
@@ -69,9 +70,11 @@ def extension():
         nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr",
                 "-lineinfo", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
-        dims = os.environ.get("RING_ATTN_HEAD_DIMS")
-        if dims:
+        if os.environ.get("RING_ATTN_HEAD_DIMS"):
+            # launch.cu then references only the head dims whose instantiations are built.
             nvcc.append("-DRING_ATTN_HEAD_DIMS_LIMITED")
+            built = {int(m.group(1)) for f in cuda_sources() if (m := re.search(r"_hd(\d+)", f))}
+            nvcc += [f"-DRING_ATTN_HAS_HD{d}" for d in sorted(built)]
         return CUDAExtension(
             "ring_attn._C", sources + cuda_sources(), include_dirs=include_dirs,
             extra_compile_args={"cxx": BASE_CXX + ["-DRING_ATTN_WITH_CUDA"], "nvcc": nvcc},

@@ -2,9 +2,12 @@
 
 Same signature and semantics as torch.nn.functional.scaled_dot_product_attention: inputs
 [..., L, E] / [..., S, E] / [..., S, Ev] with batch dims broadcast, the head dim -3 mapped
-for GQA when enable_gqa, top-left causal alignment when L != S, bool or additive masks
-broadcastable to [..., L, S], scale=None -> 1/sqrt(E), dropout applied whenever
-dropout_p > 0. Rows whose keys are all masked out give 0 (as torch's math backend does).
+for GQA when enable_gqa (and broadcast from a single head otherwise, as torch's math
+backend does), top-left causal alignment when L != S, bool or additive masks (bool,
+float32 or the query's dtype) broadcastable to [..., L, S], scale=None -> 1/sqrt(E),
+dropout applied whenever dropout_p > 0 with a seed drawn from torch's default generator.
+Rows whose keys are all masked out give 0 (as torch's public SDPA does). Meta tensors
+give shapes only; under torch.compile the function traces without graph breaks.
 """
 from __future__ import annotations
 
@@ -20,7 +23,14 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _has_kernel(device: torch.device) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return _has_kernel_for(device.type)
+
+
+@torch.compiler.assume_constant_result
+def _has_kernel_for(device_type: str) -> bool:
+    # Meta tensors run the registered fake kernel (shapes only), as torch's SDPA does.
+    # A constant for torch.compile: dynamo cannot trace the dispatcher query itself.
+    key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "ring_attn::attn_fwd", key)
 
@@ -64,24 +74,44 @@ def validate_inputs(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
         if is_causal:
             raise ValueError("ring_attn: attn_mask must be None when is_causal=True "
                              "(torch's rule: an explicit mask and is_causal are exclusive)")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise ValueError("ring_attn: attn_mask dtype must be bool or match query's "
-                             f"{query.dtype}, got {attn_mask.dtype}")
+        # torch's rule: bool, float32, or the query's dtype.
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise ValueError("ring_attn: attn_mask dtype must be bool, float32 or match "
+                             f"query's {query.dtype}, got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ValueError(f"ring_attn: attn_mask must be on query's device {query.device}, "
                              f"got {attn_mask.device}")
-    hq = query.shape[-3] if query.dim() >= 3 else 1
-    hk = key.shape[-3] if key.dim() >= 3 else 1
-    hv = value.shape[-3] if value.dim() >= 3 else 1
-    if hk != hv:
+    _head_counts(query, key, value, enable_gqa)
+
+
+def _heads(t: Tensor) -> int:
+    return t.shape[-3] if t.dim() >= 3 else 1
+
+
+def _head_counts(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
+                 ) -> tuple[int, int]:
+    """(query heads, key/value heads) the kernel sees, or raise naming the arguments.
+
+    Heads broadcast like batch dims, as in torch's math backend: one key (or value) head
+    serves any number of value (key) heads, one query head any number of KV heads.
+    Otherwise query heads must equal KV heads, or be a multiple with enable_gqa."""
+    hq, hk, hv = _heads(query), _heads(key), _heads(value)
+    if hk != hv and 1 not in (hk, hv):
         raise ValueError(f"ring_attn: key and value head counts differ: key {hk}, value {hv}")
-    if hq != hk:
-        if not enable_gqa:
-            raise ValueError(f"ring_attn: query has {hq} heads but key/value have {hk}; "
-                             "pass enable_gqa=True for grouped-query attention")
-        if hk == 0 or hq % hk != 0:
+    hkv = max(hk, hv) if hk != hv else hk
+    if hq == hkv:
+        return hq, hkv
+    if enable_gqa:
+        if hkv == 0 or hq % hkv != 0:
             raise ValueError(f"ring_attn: query heads ({hq}) must be a multiple of key/value "
-                             f"heads ({hk}) with enable_gqa=True")
+                             f"heads ({hkv}) with enable_gqa=True")
+        return hq, hkv
+    if hq == 1:
+        return hkv, hkv
+    if hkv == 1:
+        return hq, 1  # the kernel's GQA mapping with one group: no copy of K/V
+    raise ValueError(f"ring_attn: query has {hq} heads but key/value have {hkv}; "
+                     "pass enable_gqa=True for grouped-query attention")
 
 
 def _batch_shape(query: Tensor, key: Tensor, value: Tensor) -> tuple[int, ...]:
@@ -94,12 +124,13 @@ def _batch_shape(query: Tensor, key: Tensor, value: Tensor) -> tuple[int, ...]:
                          f"{tuple(lead[1])} and value {tuple(lead[2])} do not broadcast") from e
 
 
-def _to_4d(t: Tensor, batch: tuple[int, ...]) -> Tensor:
-    """[..., H, S, E] -> [B, H, S, E] with broadcast batch dims (stride 0, no copy)."""
+def _to_4d(t: Tensor, batch: tuple[int, ...], heads: int) -> Tensor:
+    """[..., H, S, E] -> [B, heads, S, E]: batch dims and a single head broadcast with
+    stride 0 (no copy unless several broadcast batch dims must merge)."""
     if t.dim() == 2:
         t = t.unsqueeze(0)
-    t = t.expand(*batch, *t.shape[-3:])
-    return t.reshape(-1, *t.shape[-3:]) if len(batch) != 1 else t
+    t = t.expand(*batch, heads, *t.shape[-2:])
+    return t.reshape(math.prod(batch), *t.shape[-3:]) if len(batch) != 1 else t
 
 
 def _mask_to_4d(mask: Tensor, batch: tuple[int, ...], hq: int, lq: int, lk: int) -> Tensor:
@@ -111,7 +142,7 @@ def _mask_to_4d(mask: Tensor, batch: tuple[int, ...], hq: int, lq: int, lk: int)
     if mask is None:
         raise ValueError(f"ring_attn: attn_mask shape does not broadcast to {full}")
     if len(batch) != 1:
-        mask = mask.reshape(-1, hq, lq, lk)
+        mask = mask.reshape(math.prod(batch), hq, lq, lk)
     return mask
 
 
@@ -130,7 +161,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     e = query.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(e) if e > 0 else 1.0
-    q4, k4, v4 = (_to_4d(t, batch) for t in (query, key, value))
+    hq, hkv = _head_counts(query, key, value, enable_gqa)
+    q4 = _to_4d(query, batch, hq)
+    k4, v4 = (_to_4d(t, batch, hkv) for t in (key, value))
     hq, lq, lk = q4.shape[1], q4.shape[2], k4.shape[2]
     mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, batch, hq, lq, lk)
     seed = draw_seed() if dropout_p > 0.0 else None

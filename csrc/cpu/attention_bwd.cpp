@@ -1,0 +1,292 @@
+// CPU backward of ring_attn's local attention: flash-style recomputation of P from the
+// saved lse, with work items that own their outputs, so no atomics and a deterministic
+// result.
+//
+// A work item is (batch, KV head, key chunk): it owns dK and dV of its chunk's keys and
+// loops over every query head of the KV group (GQA: dK/dV summed over the group in the
+// item's float32 accumulators) and every query block. Per (query block, key block) tile:
+//   S  = scale * Q K^T (+ mask), P = exp(S - lse)      (P = 0 where lse = -inf)
+//   dP = dO V^T, then both P and dP are multiplied by keep / (1 - p) under dropout
+//   dV += P_dropped^T dO
+//   dS = P * (dP - delta)                              (delta = rowsum(dO * O) - dlse)
+//   dK += scale * dS^T Q,  dQ_block += scale * dS K
+// dQ of a query block is summed over the item's key blocks in a local buffer. With one
+// chunk per (batch, KV head) it is complete and written directly; when there are too few
+// (batch, KV head) pairs to keep every thread busy, the keys are cut into chunks, each
+// chunk writes its own float32 partial dQ, and a second parallel pass sums the partials.
+//
+// Products: gemm_bcast (gemm.h). With bfloat16 inputs on AVX512-BF16 CPUs, S and dP (which
+// read only the inputs) use bf16 pairs, lifting the backward at S=4096, D=64..128, one
+// thread, from 156-192 to 212-222 GFLOP/s on the 2-core EPYC (CPU time).
+#include "cpu/isa.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/gemm.h"
+#include "cpu/kernels.h"
+#include "cpu/tile.h"
+
+namespace ring_attn::cpu {
+namespace {
+
+struct BwdBlocks {
+  int64_t q, k;
+};
+
+// Block sizes, clipped to the lengths. Query block 64 x key block 128: five products per
+// tile share P and dS (3 x 32 KiB tiles) in L1/L2. Measured on the 2-core AMD EPYC
+// (AVX-512), backward S=4096, H=2, D=64, float32, one thread, CPU time, GFLOP/s
+// (FlashAttention convention, 2.5x forward):
+//   q x k = 32x64: 146, 64x64: 149, 64x128: 175, 64x256: 144, 128x128: 142, 128x64: 129,
+//           32x128: 136.
+BwdBlocks bwd_blocks(int64_t Sq, int64_t Sk) {
+  BwdBlocks bs{64, 128};
+  if (Sq < bs.q) bs.q = std::max<int64_t>(Sq, 1);
+  if (Sk < bs.k) bs.k = std::max<int64_t>(Sk, 1);
+  return bs;
+}
+
+template <typename T, typename grad_t>
+inline void store_rows(const T* src, int64_t rows, int64_t cols, grad_t* dst) {
+  for (int64_t i = 0; i < rows * cols; ++i) dst[i] = static_cast<grad_t>(src[i]);
+}
+
+// kDot: bfloat16 inputs with AVX512-BF16 -- the two products that read the inputs only,
+// S = Q K^T and dP = dO V^T, take bf16 pairs (gemm_bf16_avx512.cpp) with float32
+// accumulation; the three that read P or dS stay float32, so no intermediate is rounded.
+template <typename scalar_t, typename grad_t, bool kDot>
+void bwd_impl(const AttnBwdParams& p) {
+  using acc = acc_t<scalar_t>;
+  const auto& s = p.shape;
+  const int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Sq = s.Sq, Sk = s.Sk, D = s.D, Dv = s.Dv;
+  grad_t* dq = static_cast<grad_t*>(p.dq);
+  grad_t* dk = static_cast<grad_t*>(p.dk);
+  grad_t* dv = static_cast<grad_t*>(p.dv);
+  if (B * Hk * Sk == 0 || Sq == 0) {
+    std::fill(dq, dq + B * Hq * Sq * D, grad_t(0));
+    std::fill(dk, dk + B * Hk * Sk * D, grad_t(0));
+    std::fill(dv, dv + B * Hk * Sk * Dv, grad_t(0));
+    return;
+  }
+  const int64_t group = Hq / Hk;
+  const int64_t D2 = (D + 1) / 2, Dv2 = (Dv + 1) / 2;
+  const BwdBlocks bs = bwd_blocks(Sq, Sk);
+  const int64_t QB = bs.q, KB = bs.k;
+  const int64_t nqb = ceil_div(Sq, QB), nkb = ceil_div(Sk, KB);
+
+  // Key chunks: enough work items for every thread (two per thread for balance), but a
+  // single chunk whenever (batch, KV head) pairs already provide them.
+  const int64_t nthreads = at::get_num_threads();
+  int64_t nchunks = 1;
+  if (B * Hk < 2 * nthreads) nchunks = std::min(nkb, ceil_div(2 * nthreads, B * Hk));
+  // The dQ partials cost one [B, Hq, Sq, D] slice per chunk: keep them within 512 MiB;
+  // beyond that, fewer chunks (less parallelism for tiny B * Hk) rather than more memory.
+  const int64_t slice_bytes = B * Hq * Sq * D * static_cast<int64_t>(sizeof(acc));
+  if (slice_bytes > 0) {
+    nchunks = std::max<int64_t>(1, std::min(nchunks, (int64_t(512) << 20) / slice_bytes));
+  }
+  const int64_t blocks_per_chunk = ceil_div(nkb, nchunks);
+  nchunks = ceil_div(nkb, blocks_per_chunk);
+  const int64_t CK = blocks_per_chunk * KB;  // keys per chunk (the last may be shorter)
+
+  BlockPositions qpos, kpos;
+  qpos.init(p.mask.q_pos, p.mask.q_offset, Sq, QB);
+  kpos.init(p.mask.k_pos, p.mask.k_offset, Sk, KB);
+  const int64_t* qp = qpos.pos.data();
+  const int64_t* kp = kpos.pos.data();
+
+  const scalar_t* q = static_cast<const scalar_t*>(p.q);
+  const scalar_t* k = static_cast<const scalar_t*>(p.k);
+  const scalar_t* v = static_cast<const scalar_t*>(p.v);
+  const scalar_t* dout = static_cast<const scalar_t*>(p.dout);
+  const acc* delta = static_cast<const acc*>(p.delta);
+  const acc scale = static_cast<acc>(p.scale);
+  const bool has_dropout = p.dropout.p > 0.f;
+  const bool direct_q = direct_rows<scalar_t, acc>(p.q_stride[2], D);
+  const bool direct_do = direct_rows<scalar_t, acc>(p.dout_stride[2], Dv);
+
+  // dQ partials, one [B, Hq, Sq, D] slice per key chunk, only when there are several.
+  std::vector<acc> dq_partial;
+  if (nchunks > 1) dq_partial.assign(static_cast<size_t>(nchunks * B * Hq * Sq * D), acc(0));
+
+  // Per-thread scratch, allocated once.
+  const int64_t per_thread = CK * D                // K rows of the chunk (B of dQ += dS K)
+                             + D * CK + Dv * CK    // K^T, V^T blocks (B of S and dP)
+                             + CK * D + CK * Dv    // dK, dV accumulators
+                             + QB * D + QB * Dv    // Q, dO blocks
+                             + 3 * QB * KB         // P, dP / dS, dropped-P tiles
+                             + QB * D              // dQ block
+                             + (kDot ? QB * (D + Dv) : 0);  // Q, dO as bf16 pairs
+  std::vector<acc> scratch(static_cast<size_t>(per_thread * nthreads));
+
+  at::parallel_for(0, B * Hk * nchunks, 1, [&](int64_t begin, int64_t end) {
+    acc* Kc = scratch.data() + at::get_thread_num() * per_thread;
+    acc* Ktc = Kc + CK * D;
+    acc* Vtc = Ktc + D * CK;
+    acc* dKc = Vtc + Dv * CK;
+    acc* dVc = dKc + CK * D;
+    acc* Qbuf = dVc + CK * Dv;
+    acc* dObuf = Qbuf + QB * D;
+    acc* P = dObuf + QB * Dv;
+    acc* dP = P + QB * KB;
+    acc* Pdrop = dP + QB * KB;
+    acc* dQb = Pdrop + QB * KB;
+    // kDot: K^T / V^T blocks as pairs in place of the float32 ones (half the words),
+    // and the Q / dO blocks as pairs.
+    uint32_t* Kt2c = reinterpret_cast<uint32_t*>(Ktc);
+    uint32_t* Vt2c = reinterpret_cast<uint32_t*>(Vtc);
+    uint32_t* Q2 = reinterpret_cast<uint32_t*>(dQb + QB * D);
+    uint32_t* dO2 = Q2 + QB * D2;
+    constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t chunk = item % nchunks;
+      const int64_t hk = (item / nchunks) % Hk;
+      const int64_t b = item / (nchunks * Hk);
+      const int64_t kb0 = chunk * blocks_per_chunk;
+      const int64_t kb1 = std::min(nkb, kb0 + blocks_per_chunk);
+      const int64_t c0 = kb0 * KB, cn = std::min(Sk, kb1 * KB) - c0;
+
+      const scalar_t* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
+      const scalar_t* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
+      load_block(kh, p.k_stride[2], c0, cn, D, Kc);
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const int64_t j0 = kb * KB, n = std::min(KB, Sk - j0);
+        if constexpr (kDot) {
+          pack_pairs_t(kh, p.k_stride[2], j0, n, D, Kt2c + (kb - kb0) * D2 * KB, KB);
+          pack_pairs_t(vh, p.v_stride[2], j0, n, Dv, Vt2c + (kb - kb0) * Dv2 * KB, KB);
+        } else {
+          load_block_t(kh, p.k_stride[2], j0, n, D, Ktc + (kb - kb0) * D * KB, KB);
+          load_block_t(vh, p.v_stride[2], j0, n, Dv, Vtc + (kb - kb0) * Dv * KB, KB);
+        }
+      }
+      std::fill(dKc, dKc + cn * D, acc(0));
+      std::fill(dVc, dVc + cn * Dv, acc(0));
+
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        const scalar_t* qh = q + b * p.q_stride[0] + h * p.q_stride[1];
+        const scalar_t* doh = dout + b * p.dout_stride[0] + h * p.dout_stride[1];
+        const float* lse_h = p.lse + (b * Hq + h) * Sq;
+        const acc* delta_h = delta + (b * Hq + h) * Sq;
+        for (int64_t qb = 0; qb < nqb; ++qb) {
+          const int64_t i0 = qb * QB, m = std::min(QB, Sq - i0);
+          bool loaded = false;
+          const acc* Q = Qbuf;
+          const acc* dO = dObuf;
+          int64_t ldq = D, lddo = Dv;
+          std::fill(dQb, dQb + m * D, acc(0));
+          for (int64_t kb = kb0; kb < kb1; ++kb) {
+            const TileKind kind = causal_tile(qpos, qb, kpos, kb, p.mask.causal);
+            if (kind == TileKind::kSkip) continue;
+            if (!loaded) {
+              if (direct_q) {
+                Q = reinterpret_cast<const acc*>(qh + i0 * p.q_stride[2]);
+                ldq = p.q_stride[2];
+              } else {
+                load_block(qh, p.q_stride[2], i0, m, D, Qbuf);
+              }
+              if (direct_do) {
+                dO = reinterpret_cast<const acc*>(doh + i0 * p.dout_stride[2]);
+                lddo = p.dout_stride[2];
+              } else {
+                load_block(doh, p.dout_stride[2], i0, m, Dv, dObuf);
+              }
+              if constexpr (kDot) {
+                pack_pairs_rows(qh, p.q_stride[2], i0, m, D, Q2);
+                pack_pairs_rows(doh, p.dout_stride[2], i0, m, Dv, dO2);
+              }
+              loaded = true;
+            }
+            const int64_t j0 = kb * KB, n = std::min(KB, Sk - j0);
+            const acc* K = Kc + (j0 - c0) * D;
+            const acc* Kt = Ktc + (kb - kb0) * D * KB;
+            const acc* Vt = Vtc + (kb - kb0) * Dv * KB;
+
+            // P = exp(scale * Q K^T + mask - lse)
+            if constexpr (kDot) {
+              gemm_bcast_bf16_avx512(m, n, D2, scale, Q2, D2, 1, Kt2c + (kb - kb0) * D2 * KB, KB,
+                                     0.f, P, n);
+            } else {
+              gemm_bcast(m, n, D, scale, Q, ldq, 1, Kt, KB, acc(0), P, n);
+            }
+            mask_tile(P, n, m, n, p.mask, b, h, i0, j0, qp, kp, kind == TileKind::kPartial);
+            for (int64_t r = 0; r < m; ++r) {
+              acc* row = P + r * n;
+              const float l = lse_h[i0 + r];
+              if (l == kNegInfF) {
+                std::fill(row, row + n, acc(0));
+              } else {
+                exp_row_sum(row, n, static_cast<acc>(l));
+              }
+            }
+            // dP = dO V^T
+            if constexpr (kDot) {
+              gemm_bcast_bf16_avx512(m, n, Dv2, 1.f, dO2, Dv2, 1, Vt2c + (kb - kb0) * Dv2 * KB,
+                                     KB, 0.f, dP, n);
+            } else {
+              gemm_bcast(m, n, Dv, acc(1), dO, lddo, 1, Vt, KB, acc(0), dP, n);
+            }
+            const acc* Pd = P;  // the probabilities dV sees
+            if (has_dropout) {
+              dropout_tile<acc>(P, Pdrop, dP, n, m, n, p.dropout, b, h, i0, j0, qp, kp);
+              Pd = Pdrop;
+            }
+            // dV += P_dropped^T dO
+            gemm_bcast(n, Dv, m, acc(1), Pd, 1, n, dO, lddo, acc(1), dVc + (j0 - c0) * Dv, Dv);
+            // dS = P * (dP - delta), in place of dP
+            for (int64_t r = 0; r < m; ++r) ds_row(P + r * n, dP + r * n, n, delta_h[i0 + r]);
+            // dK += scale * dS^T Q, dQ += scale * dS K
+            gemm_bcast(n, D, m, scale, dP, 1, n, Q, ldq, acc(1), dKc + (j0 - c0) * D, D);
+            gemm_bcast(m, D, n, scale, dP, n, 1, K, D, acc(1), dQb, D);
+          }
+          if (nchunks == 1) {
+            store_rows(dQb, m, D, dq + ((b * Hq + h) * Sq + i0) * D);
+          } else {
+            acc* dst = dq_partial.data() + (((chunk * B + b) * Hq + h) * Sq + i0) * D;
+            std::copy(dQb, dQb + m * D, dst);
+          }
+        }
+      }
+      store_rows(dKc, cn, D, dk + ((b * Hk + hk) * Sk + c0) * D);
+      store_rows(dVc, cn, Dv, dv + ((b * Hk + hk) * Sk + c0) * Dv);
+    }
+  });
+
+  if (nchunks > 1) {
+    const int64_t rows = B * Hq * Sq, slice = rows * D;
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t c = 0; c < D; ++c) {
+          acc sum = 0;
+          for (int64_t ch = 0; ch < nchunks; ++ch) sum += dq_partial[ch * slice + r * D + c];
+          dq[r * D + c] = static_cast<grad_t>(sum);
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t, typename grad_t>
+void attn_bwd_kernel(const AttnBwdParams& p) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (use_avx512_bf16()) return bwd_impl<scalar_t, grad_t, true>(p);
+  }
+  bwd_impl<scalar_t, grad_t, false>(p);
+}
+
+template void attn_bwd_kernel<float, float>(const AttnBwdParams&);
+template void attn_bwd_kernel<double, double>(const AttnBwdParams&);
+template void attn_bwd_kernel<double, float>(const AttnBwdParams&);
+template void attn_bwd_kernel<c10::BFloat16, c10::BFloat16>(const AttnBwdParams&);
+template void attn_bwd_kernel<c10::BFloat16, float>(const AttnBwdParams&);
+template void attn_bwd_kernel<c10::Half, c10::Half>(const AttnBwdParams&);
+template void attn_bwd_kernel<c10::Half, float>(const AttnBwdParams&);
+
+}  // namespace ring_attn::cpu

@@ -1,0 +1,50 @@
+// The one matrix product the CPU attention kernels need, in "broadcast-A" form:
+//
+//   C[M x N] = alpha * A * B + beta * C,   A(r, p) = a[r * a_rs + p * a_ps],
+//   B row-major [K x N] with row stride ldb, C row-major with row stride ldc.
+//
+// A is read one scalar at a time (broadcast), so it may be a matrix or the transpose of
+// one (a_rs = 1): every product of the forward and backward passes (Q K^T with K^T packed,
+// P V, dO V^T with V^T packed, P^T dO, dS^T Q, dS K) is this one shape with B's columns
+// contiguous. beta is 0 (overwrite) or 1 (accumulate).
+//
+// float: an AVX-512 register-blocked micro-kernel (gemm_avx512.cpp) when the CPU has
+// AVX-512 and torch uses it (at::get_cpu_capability() == "AVX512", so
+// ATEN_CPU_CAPABILITY=avx2 selects the other path); otherwise its AVX2/FMA twin
+// (gemm_avx2.cpp, the build's baseline ISA). double takes the BLAS that libtorch_cpu
+// carries (blas.h): float64 is for checking, not speed.
+#pragma once
+#include <cstdint>
+
+namespace ring_attn::cpu {
+
+// True when the AVX-512 kernels may run (decided once).
+bool use_avx512();
+
+void gemm_bcast(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t a_rs,
+                int64_t a_ps, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+void gemm_bcast(int64_t M, int64_t N, int64_t K, double alpha, const double* a, int64_t a_rs,
+                int64_t a_ps, const double* b, int64_t ldb, double beta, double* c,
+                int64_t ldc);
+
+// The AVX2/FMA micro-kernel (float only).
+void gemm_bcast_avx2(int64_t M, int64_t N, int64_t K, float alpha, const float* a,
+                     int64_t a_rs, int64_t a_ps, const float* b, int64_t ldb, float beta,
+                     float* c, int64_t ldc);
+
+// The AVX-512 micro-kernel (float only); call only when use_avx512().
+void gemm_bcast_avx512(int64_t M, int64_t N, int64_t K, float alpha, const float* a,
+                       int64_t a_rs, int64_t a_ps, const float* b, int64_t ldb, float beta,
+                       float* c, int64_t ldc);
+
+// bfloat16 products (gemm_bf16_avx512.cpp; call only when use_avx512_bf16()): the same
+// shape with bf16 pairs along the reduction, K2 = number of pairs, float32 C.
+bool use_avx512_bf16();
+void gemm_bcast_bf16_avx512(int64_t M, int64_t N, int64_t K2, float alpha, const uint32_t* a,
+                            int64_t a_rs, int64_t a_ps, const uint32_t* b, int64_t ldb,
+                            float beta, float* c, int64_t ldc);
+// dst[r][0..n) = bf16(src[r][0..n)) rounded to nearest even, and dst[r][n] = 0 when n is odd.
+void to_bf16_rows_avx512(const float* src, int64_t m, int64_t n, int64_t lds, uint16_t* dst,
+                         int64_t ldd);
+
+}  // namespace ring_attn::cpu

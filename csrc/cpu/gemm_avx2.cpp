@@ -1,0 +1,104 @@
+// AVX2/FMA micro-kernel of gemm_bcast (float), the path on CPUs without AVX-512 (and
+// under ATEN_CPU_CAPABILITY=avx2). Same scheme as gemm_avx512.cpp with 8-wide vectors and
+// 16 registers: tiles of 6 rows x 16 columns (12 accumulators + 2 B vectors + 1
+// broadcast), the standard AVX2 sgemm blocking; column tails use vmaskmovps.
+//
+// Why not the BLAS here too: on the 2-core EPYC with ATEN_CPU_CAPABILITY=avx2, forward+
+// backward at S=4096, D=64 ran at 71 GFLOP/s through MKL's sgemm (small products pay its
+// per-call overhead) against 76 for torch's own kernel; see the benchmark notes in
+// attention_fwd.cpp for how these were measured.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/gemm.h"
+
+namespace ring_attn::cpu {
+namespace {
+
+inline __m256i lane_mask(int64_t left) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)), idx);
+}
+
+template <int MR, int NV>
+__attribute__((always_inline)) inline void tile(int64_t K, const float* a, int64_t a_rs,
+                                                int64_t a_ps, const float* b, int64_t ldb,
+                                                float* c, int64_t ldc, float alpha,
+                                                float beta, __m256i last) {
+  __m256 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < K; ++p) {
+    const float* bp = b + p * ldb;
+    __m256 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      bv[v] = v == NV - 1 ? _mm256_maskload_ps(bp + 8 * v, last) : _mm256_loadu_ps(bp + 8 * v);
+    const float* ap = a + p * a_ps;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(ap + r * a_rs);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+  const __m256i all = _mm256_set1_epi32(-1);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m256i mk = v == NV - 1 ? last : all;
+      float* cp = c + r * ldc + 8 * v;
+      __m256 res = _mm256_mul_ps(acc[r][v], va);
+      if (beta != 0.f) res = _mm256_fmadd_ps(_mm256_set1_ps(beta), _mm256_maskload_ps(cp, mk), res);
+      _mm256_maskstore_ps(cp, mk, res);
+    }
+  }
+}
+
+template <int NV, int MR>
+inline void rows_tail(int64_t rem, int64_t K, const float* a, int64_t a_rs, int64_t a_ps,
+                      const float* b, int64_t ldb, float* c, int64_t ldc, float alpha,
+                      float beta, __m256i last) {
+  if constexpr (MR > 0) {
+    if (rem == MR) {
+      tile<MR, NV>(K, a, a_rs, a_ps, b, ldb, c, ldc, alpha, beta, last);
+    } else {
+      rows_tail<NV, MR - 1>(rem, K, a, a_rs, a_ps, b, ldb, c, ldc, alpha, beta, last);
+    }
+  }
+}
+
+template <int NV, int MR>
+void rows(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_ps, const float* b,
+          int64_t ldb, float* c, int64_t ldc, float alpha, float beta, __m256i last) {
+  int64_t r0 = 0;
+  for (; r0 + MR <= M; r0 += MR)
+    tile<MR, NV>(K, a + r0 * a_rs, a_rs, a_ps, b, ldb, c + r0 * ldc, ldc, alpha, beta, last);
+  if (r0 < M)
+    rows_tail<NV, MR - 1>(M - r0, K, a + r0 * a_rs, a_rs, a_ps, b, ldb, c + r0 * ldc, ldc,
+                          alpha, beta, last);
+}
+
+}  // namespace
+
+void gemm_bcast_avx2(int64_t M, int64_t N, int64_t K, float alpha, const float* a,
+                     int64_t a_rs, int64_t a_ps, const float* b, int64_t ldb, float beta,
+                     float* c, int64_t ldc) {
+  for (int64_t c0 = 0; c0 < N; c0 += 16) {
+    const int64_t nc = N - c0 < 16 ? N - c0 : 16;
+    const float* bc = b + c0;
+    float* cc = c + c0;
+    if (nc > 8) {
+      rows<2, 6>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, lane_mask(nc - 8));
+    } else {
+      rows<1, 12>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, lane_mask(nc));
+    }
+  }
+}
+
+}  // namespace ring_attn::cpu

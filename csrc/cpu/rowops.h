@@ -1,0 +1,17 @@
+// AVX-512 versions of the per-row element-wise steps of the attention kernels (float
+// only), defined in rowops_avx512.cpp and entered only when use_avx512() (gemm.h). The
+// portable versions, on at::vec::Vectorized (AVX2 in the baseline objects), are in
+// tile.h, which picks between the two.
+#pragma once
+#include <cstdint>
+
+namespace ring_attn::cpu {
+
+float row_max_avx512(const float* x, int64_t n);
+// x[c] = exp(x[c] - shift) (exactly 0 where x[c] - shift < -87); returns the row sum.
+float exp_row_sum_avx512(float* x, int64_t n, float shift);
+void scale_row_avx512(float* x, int64_t n, float a);
+// dP[c] = P[c] * (dP[c] - delta)
+void ds_row_avx512(const float* P, float* dP, int64_t n, float delta);
+
+}  // namespace ring_attn::cpu

@@ -1,0 +1,289 @@
+// Backward attention on tensor cores (bf16 / fp16), the FlashAttention-2 scheme.
+//
+// One CTA owns kBlockN keys of one (batch, KV head): it keeps K and V in smem and dK, dV
+// in fp32 registers, and loops over every query head of the KV group (GQA: dK/dV are
+// summed over the group here, no separate reduction) and every query block not entirely
+// masked by causality. Per query block of kBlockM rows (Q, dO tiles via cp.async, lse and
+// delta = rowsum(dO * O) - dlse into smem):
+//   phase 1  S = Q K^T, dP = dO V^T (mma.sync), then per element, recomputing P from the
+//            saved lse (P = 0 where lse = -inf, i.e. rows with no key):
+//              P   = exp(scale S + mask - lse)             (mask, causal as forward)
+//              Pd  = P * keep / (1-p)                      (the dropped P forward used)
+//              dS  = P * (dP * keep / (1-p) - delta)
+//            Pd and dS go to smem as [query][key] in the input dtype.
+//   phase 2  dV += Pd^T dO and dK += dS^T Q (ldmatrix.trans reads the transposes).
+//   phase 3  dQ_partial = scale * dS K for this key block, added with fp32 atomicAdd into
+//            a zeroed float32 dq_accum [B, Hq, Sq, D] (launch.cu converts it to dq's
+//            dtype, or it is dq itself under grad_fp32). Atomics: each dQ element gets one
+//            add per key block, as in FlashAttention-2.
+// The three phases use different warp layouts (kernel_traits.h), joined through smem, so
+// no warp needs the whole [kBlockM x kBlockN] tile or the whole head dim in registers.
+// Epilogue: dK *= scale; dK, dV written once (padded head-dim lanes never written).
+#pragma once
+#include "common/attn_params.h"
+#include "cuda/kernel_traits.h"
+#include "cuda/utils.cuh"
+
+namespace ring_attn {
+namespace cuda {
+
+template <typename Elem, typename Tr>
+__global__ void __launch_bounds__(Tr::kNThreads)
+    bwd_tc_kernel(const AttnBwdParams p, float* __restrict__ dq_accum, const bool grad_fp32) {
+  using Ops = ElemOps<Elem>;
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kHD = Tr::kHeadDim;
+  constexpr int kS = Tr::kStride, kPS = Tr::kPStride, kNThreads = Tr::kNThreads;
+  constexpr int kN1 = Tr::kN1, kD2 = Tr::kD2, kD3 = Tr::kD3;
+  constexpr int kD3Chunk = kD3 < 64 ? kD3 : 64;
+  static_assert(kD3 % kD3Chunk == 0, "dQ column chunks");
+  constexpr int kT1 = kN1 / 8, kT2 = kD2 / 8, kT3 = kD3Chunk / 8;  // n8 tiles per warp
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Elem* sQ = reinterpret_cast<Elem*>(smem_raw);  // [kBlockM][kS]
+  Elem* sdO = sQ + kBlockM * kS;                 // [kBlockM][kS]
+  Elem* sK = sdO + kBlockM * kS;                 // [kBlockN][kS]
+  Elem* sV = sK + kBlockN * kS;                  // [kBlockN][kS]
+  Elem* sP = sV + kBlockN * kS;                  // [kBlockM][kPS]
+  Elem* sdS = sP + kBlockM * kPS;                // [kBlockM][kPS]
+  float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kPS);  // [kBlockM], log2 units
+  float* sDelta = sLse + kBlockM;                                // [kBlockM]
+
+  const auto& sh = p.shape;
+  const AttnMaskParams& mk = p.mask;
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int Sq = static_cast<int>(sh.Sq), Sk = static_cast<int>(sh.Sk);
+  const int D = static_cast<int>(sh.D), Dv = static_cast<int>(sh.Dv);
+  const int group = static_cast<int>(sh.Hq / sh.Hk);
+  const int n0 = n_block * kBlockN;
+  const int cols_valid = min(kBlockN, Sk - n0);
+  const bool has_mask = mk.kind != MaskKind::kNone;
+  const bool dropout = p.dropout.p > 0.f;
+  const float keep_scale = dropout ? 1.f / (1.f - p.dropout.p) : 1.f;
+  const float scale = static_cast<float>(p.scale);
+  const float scale_log2 = scale * kLog2e;
+
+  // Warp coordinates of the three phases (see kernel_traits.h).
+  const int wm1 = warp % Tr::kWarpsM1, wn1 = warp / Tr::kWarpsM1;
+  const int wn2 = warp % Tr::kWarpsN2, wd2 = warp / Tr::kWarpsN2;
+  const int wm3 = warp % Tr::kWarpsM3, wd3 = warp / Tr::kWarpsM3;
+
+  const Elem* gk = static_cast<const Elem*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] +
+                   static_cast<int64_t>(n0) * p.k_stride[2];
+  const Elem* gv = static_cast<const Elem*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] +
+                   static_cast<int64_t>(n0) * p.v_stride[2];
+  load_tile<kBlockN, kHD, kNThreads>(sK, kS, gk, p.k_stride[2], cols_valid, D);
+  load_tile<kBlockN, kHD, kNThreads>(sV, kS, gv, p.v_stride[2], cols_valid, Dv);
+  cp_async_commit();
+  int64_t k_min, k_max;
+  position_range(mk.k_pos, mk.k_offset, n0, cols_valid, lane, k_min, k_max);
+
+  float dk[kT2][4], dv[kT2][4];
+#pragma unroll
+  for (int t = 0; t < kT2; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
+
+  const float* lse_all = p.lse;
+  const float* delta_all = static_cast<const float*>(p.delta);
+  const int m_blocks = ceil_div(Sq, kBlockM);
+
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const void* mask_bh = mask_slice(mk, b, h);
+    const int64_t row_base = (static_cast<int64_t>(b) * sh.Hq + h) * sh.Sq;
+    const Elem* gq_h = static_cast<const Elem*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+    const Elem* gdo_h =
+        static_cast<const Elem*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
+
+    for (int m_block = 0; m_block < m_blocks; ++m_block) {
+      const int m0 = m_block * kBlockM;
+      const int rows_valid = min(kBlockM, Sq - m0);
+      int64_t q_min, q_max;
+      position_range(mk.q_pos, mk.q_offset, m0, rows_valid, lane, q_min, q_max);
+      if (mk.causal && q_max < k_min) continue;  // every (query, key) pair is masked
+      const bool need_mask =
+          has_mask || cols_valid < kBlockN || (mk.causal && k_max > q_min);
+
+      load_tile<kBlockM, kHD, kNThreads>(sQ, kS, gq_h + static_cast<int64_t>(m0) * p.q_stride[2],
+                                         p.q_stride[2], rows_valid, D);
+      load_tile<kBlockM, kHD, kNThreads>(
+          sdO, kS, gdo_h + static_cast<int64_t>(m0) * p.dout_stride[2], p.dout_stride[2],
+          rows_valid, Dv);
+      cp_async_commit();
+      for (int r = threadIdx.x; r < kBlockM; r += kNThreads) {
+        const int i = m0 + r;
+        const float lse = i < Sq ? lse_all[row_base + i] : -INFINITY;
+        sLse[r] = lse == -INFINITY ? -INFINITY : lse * kLog2e;
+        sDelta[r] = i < Sq ? delta_all[row_base + i] : 0.f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+
+      // ---- phase 1: S and dP for 16 queries x kN1 keys per warp -> Pd, dS in smem.
+      {
+        float s[kT1][4], dp[kT1][4];
+#pragma unroll
+        for (int t = 0; t < kT1; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[t][e] = dp[t][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kHD / 16; ++kk) {
+          uint32_t a[4];
+          load_a(a, sQ, kS, wm1 * 16, kk * 16, lane);
+#pragma unroll
+          for (int nt2 = 0; nt2 < kT1 / 2; ++nt2) {
+            uint32_t bb[4];
+            load_b2(bb, sK, kS, wn1 * kN1 + nt2 * 16, kk * 16, lane);
+            Ops::mma(s[2 * nt2], a, bb[0], bb[1]);
+            Ops::mma(s[2 * nt2 + 1], a, bb[2], bb[3]);
+          }
+          load_a(a, sdO, kS, wm1 * 16, kk * 16, lane);
+#pragma unroll
+          for (int nt2 = 0; nt2 < kT1 / 2; ++nt2) {
+            uint32_t bb[4];
+            load_b2(bb, sV, kS, wn1 * kN1 + nt2 * 16, kk * 16, lane);
+            Ops::mma(dp[2 * nt2], a, bb[0], bb[1]);
+            Ops::mma(dp[2 * nt2 + 1], a, bb[2], bb[3]);
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          const int i_loc = wm1 * 16 + lane / 4 + 8 * t;
+          const int i = m0 + i_loc;
+          const float lse2 = sLse[i_loc];
+          const float dlt = sDelta[i_loc];
+          const int64_t qpos = i < Sq ? q_position(mk, i) : 0;
+#pragma unroll
+          for (int nt = 0; nt < kT1; ++nt) {
+            const int j_loc = wn1 * kN1 + nt * 8 + 2 * (lane % 4);
+            const int j0 = n0 + j_loc;
+            const int64_t kpos0 = j0 < Sk ? k_position(mk, j0) : 0;
+            const int64_t kpos1 = j0 + 1 < Sk ? k_position(mk, j0 + 1) : 0;
+            bool keep[2] = {true, true};
+            if (dropout && i < Sq) dropout_keep2(p.dropout, b, h, qpos, kpos0, kpos1, keep[0], keep[1]);
+            float pd[2], ds[2];
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+              float x = s[nt][2 * t + jj] * scale_log2;
+              if (need_mask) {
+                if (i >= Sq || j0 + jj >= Sk) x = -INFINITY;
+                else x += mask_term_log2(mk, mask_bh, i, j0 + jj, qpos, jj ? kpos1 : kpos0);
+              }
+              const float pr = lse2 == -INFINITY ? 0.f : exp2f(x - lse2);
+              const float dpk = keep[jj] ? dp[nt][2 * t + jj] * keep_scale : 0.f;
+              pd[jj] = keep[jj] ? pr * keep_scale : 0.f;
+              ds[jj] = pr * (dpk - dlt);
+            }
+            *reinterpret_cast<uint32_t*>(sP + i_loc * kPS + j_loc) = Ops::pack(pd[0], pd[1]);
+            *reinterpret_cast<uint32_t*>(sdS + i_loc * kPS + j_loc) = Ops::pack(ds[0], ds[1]);
+          }
+        }
+      }
+      __syncthreads();
+
+      // ---- phase 2: dV += Pd^T dO, dK += dS^T Q for 16 keys x kD2 columns per warp.
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        uint32_t a[4];
+        load_a_trans(a, sP, kPS, wn2 * 16, kk * 16, lane);
+#pragma unroll
+        for (int nt2 = 0; nt2 < kT2 / 2; ++nt2) {
+          uint32_t bb[4];
+          load_b2_trans(bb, sdO, kS, wd2 * kD2 + nt2 * 16, kk * 16, lane);
+          Ops::mma(dv[2 * nt2], a, bb[0], bb[1]);
+          Ops::mma(dv[2 * nt2 + 1], a, bb[2], bb[3]);
+        }
+        load_a_trans(a, sdS, kPS, wn2 * 16, kk * 16, lane);
+#pragma unroll
+        for (int nt2 = 0; nt2 < kT2 / 2; ++nt2) {
+          uint32_t bb[4];
+          load_b2_trans(bb, sQ, kS, wd2 * kD2 + nt2 * 16, kk * 16, lane);
+          Ops::mma(dk[2 * nt2], a, bb[0], bb[1]);
+          Ops::mma(dk[2 * nt2 + 1], a, bb[2], bb[3]);
+        }
+      }
+
+      // ---- phase 3: dQ += scale * dS K for 16 queries x kD3 columns per warp, in
+      // chunks of at most 64 columns (32 accumulator registers): at hd256 the whole
+      // 128-column slice on top of dK/dV spilled (ptxas: 255 registers + 8 bytes).
+#pragma unroll 1
+      for (int c0 = 0; c0 < kD3; c0 += kD3Chunk) {
+        float dq[kT3][4];
+#pragma unroll
+        for (int t = 0; t < kT3; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dq[t][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          uint32_t a[4];
+          load_a(a, sdS, kPS, wm3 * 16, kk * 16, lane);
+#pragma unroll
+          for (int nt2 = 0; nt2 < kT3 / 2; ++nt2) {
+            uint32_t bb[4];
+            load_b2_trans(bb, sK, kS, wd3 * kD3 + c0 + nt2 * 16, kk * 16, lane);
+            Ops::mma(dq[2 * nt2], a, bb[0], bb[1]);
+            Ops::mma(dq[2 * nt2 + 1], a, bb[2], bb[3]);
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          const int i = m0 + wm3 * 16 + lane / 4 + 8 * t;
+          if (i >= Sq) continue;
+          float* dst = dq_accum + (row_base + i) * D;
+#pragma unroll
+          for (int nt = 0; nt < kT3; ++nt)
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+              const int c = wd3 * kD3 + c0 + nt * 8 + 2 * (lane % 4) + jj;
+              if (c < D) atomicAdd(dst + c, dq[nt][2 * t + jj] * scale);
+            }
+        }
+      }
+      __syncthreads();  // sQ, sdO, sP, sdS are refilled by the next query block
+    }
+  }
+  cp_async_wait<0>();  // K/V copies complete even when no query block was active
+
+  // Epilogue: dK = scale * sum dS^T Q, dV; rows past Sk and padded lanes are not written.
+  const int64_t kv_base = (static_cast<int64_t>(b) * sh.Hk + hk) * sh.Sk;
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+    const int j = n0 + wn2 * 16 + lane / 4 + 8 * t;
+    if (j >= Sk) continue;
+#pragma unroll
+    for (int nt = 0; nt < kT2; ++nt)
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const int c = wd2 * kD2 + nt * 8 + 2 * (lane % 4) + jj;
+        const float vk = dk[nt][2 * t + jj] * scale, vv = dv[nt][2 * t + jj];
+        if (c < D) {
+          if (grad_fp32) static_cast<float*>(p.dk)[(kv_base + j) * D + c] = vk;
+          else static_cast<Elem*>(p.dk)[(kv_base + j) * D + c] = Ops::from_float(vk);
+        }
+        if (c < Dv) {
+          if (grad_fp32) static_cast<float*>(p.dv)[(kv_base + j) * Dv + c] = vv;
+          else static_cast<Elem*>(p.dv)[(kv_base + j) * Dv + c] = Ops::from_float(vv);
+        }
+      }
+  }
+}
+
+// Host launcher, instantiated once per (dtype, head dim) in csrc/cuda/inst/.
+template <typename Elem, int kHeadDim>
+cudaError_t run_bwd_tc(const AttnBwdParams& p, float* dq_accum, bool grad_fp32,
+                       cudaStream_t stream) {
+  using Tr = typename BwdConfig<kHeadDim>::T;
+  static_assert(sizeof(Elem) == 2, "kSmemBytes assumes 2-byte elements");
+  const size_t smem = Tr::kSmemBytes;
+  auto kernel = bwd_tc_kernel<Elem, Tr>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(ceil_div(p.shape.Sk, Tr::kBlockN), static_cast<unsigned>(p.shape.Hk),
+                  static_cast<unsigned>(p.shape.B));
+  kernel<<<grid, Tr::kNThreads, smem, stream>>>(p, dq_accum, grad_fp32);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace ring_attn

@@ -1,0 +1,101 @@
+// Tile shapes of the tensor-core kernels, one specialisation per instantiated head dim.
+//
+// None of these sizes was measured: this session had no GPU. They start from
+// FlashAttention-2's published sm80 choices for each head dim (flash_fwd_launch_template.h /
+// flash_bwd_launch_template.h) adapted to our warp layout, and are to be tuned on an
+// A100/H100 (benchmarks/). The constraints they must respect are checked by static_asserts.
+//
+// Warp layout. Forward: every warp owns 16 query rows (one m16 mma row block) and all
+// kBlockN keys of the tile, so softmax statistics never leave a warp; kBlockM = 16 warps.
+// FA2 gives each of 4 warps 32 rows (kBlockM 128); we reach kBlockM 128 with 8 warps of 16
+// rows, which keeps one accumulator row block per thread (half the O registers of FA2's
+// layout, the price being twice the K/V ldmatrix traffic per mma: the first thing to tune).
+// Backward: see bwd_kernel.cuh (three warp layouts over one block, joined through smem).
+#pragma once
+
+namespace ring_attn {
+namespace cuda {
+
+// Smem rows are padded by 8 elements (16 bytes): consecutive rows then start 16 bytes
+// apart modulo 128, so the 8 row addresses of one ldmatrix hit 8 distinct 16-byte bank
+// groups (no conflicts) without an XOR swizzle. Cost: 8/128 = 6% more smem at hd128.
+constexpr int kSmemPad = 8;
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
+struct FwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kStride = kHeadDim + kSmemPad;  // smem row stride, elements
+  // sQ [kBlockM][kStride], then sK and sV, two stages each [kBlockN][kStride].
+  static constexpr int kSmemElems = (kBlockM + 4 * kBlockN) * kStride;
+  static_assert(kBlockM == 16 * kNWarps, "forward: each warp owns 16 query rows");
+  static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "mma k16 / paired n8 tiles");
+};
+
+// hd64:  FA2 uses 128 x 128 with 4 warps. We take 128 x 64 (8 warps): a 64-key tile halves
+//        the S registers (32 per thread) and keeps two or more CTAs per SM in 54 KB of smem.
+// hd96:  FA2 uses 128 x 64 with 4 warps; same tile here with 8 warps (78 KB smem).
+// hd128: FA2 uses 128 x 64 (non-causal 128 x 32 on some GPUs) with 4 warps; 128 x 64 with
+//        8 warps here (102 KB smem: one CTA per SM on A100, two on H100).
+// hd256: FA2 uses 128 x 64 with 8 warps on sm80; O alone is 128 fp32 registers per thread
+//        at hd256, so we take kBlockN 32 to bound S and smem (132 KB, fits the 163 KB sm80
+//        limit with double-buffered K/V).
+// ptxas -v (sm_80, bf16 and fp16 alike): 178 / 209 / 229 / 251 registers at hd 64 / 96 /
+// 128 / 256, 0 bytes spilled; so one 8-warp CTA per SM by registers at hd >= 96.
+template <int kHeadDim> struct FwdConfig;
+template <> struct FwdConfig<64> { using T = FwdTraits<64, 128, 64, 8>; };
+template <> struct FwdConfig<96> { using T = FwdTraits<96, 128, 64, 8>; };
+template <> struct FwdConfig<128> { using T = FwdTraits<128, 128, 64, 8>; };
+template <> struct FwdConfig<256> { using T = FwdTraits<256, 128, 32, 8>; };
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
+struct BwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;   // queries per inner step
+  static constexpr int kBlockN = kBlockN_;   // keys per CTA (the dK/dV rows it owns)
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kStride = kHeadDim + kSmemPad;   // sQ, sdO, sK, sV rows
+  static constexpr int kPStride = kBlockN + kSmemPad;   // sP, sdS rows ([query][key])
+  // Phase 1 (S = Q K^T, dP = dO V^T): warps tile [kBlockM x kBlockN] as
+  // (kBlockM/16) x kWarpsN1, each 16 queries x kN1 keys.
+  static constexpr int kWarpsM1 = kBlockM / 16;
+  static constexpr int kWarpsN1 = kNWarps / kWarpsM1;
+  static constexpr int kN1 = kBlockN / kWarpsN1;
+  // Phase 2 (dV += P^T dO, dK += dS^T Q): warps tile [kBlockN x kHeadDim] as
+  // (kBlockN/16) x kWarpsD2, each 16 keys x kD2 columns (accumulated over all queries).
+  static constexpr int kWarpsN2 = kBlockN / 16;
+  static constexpr int kWarpsD2 = kNWarps / kWarpsN2;
+  static constexpr int kD2 = kHeadDim / kWarpsD2;
+  // Phase 3 (dQ += dS K): warps tile [kBlockM x kHeadDim] as (kBlockM/16) x kWarpsD3.
+  static constexpr int kWarpsM3 = kBlockM / 16;
+  static constexpr int kWarpsD3 = kNWarps / kWarpsM3;
+  static constexpr int kD3 = kHeadDim / kWarpsD3;
+  // Element counts: sQ, sdO [kBlockM][kStride]; sK, sV [kBlockN][kStride];
+  // sP, sdS [kBlockM][kPStride]; then float sLse, sDelta [kBlockM].
+  static constexpr int kSmemElems = (2 * kBlockM + 2 * kBlockN) * kStride + 2 * kBlockM * kPStride;
+  static constexpr int kSmemBytes = kSmemElems * 2 + 2 * kBlockM * 4;
+  static_assert(kWarpsM1 * kWarpsN1 == kNWarps && kN1 % 16 == 0, "phase-1 warp layout");
+  static_assert(kWarpsN2 * kWarpsD2 == kNWarps && kD2 % 16 == 0, "phase-2 warp layout");
+  static_assert(kWarpsM3 * kWarpsD3 == kNWarps && kD3 % 16 == 0, "phase-3 warp layout");
+  static_assert(kBlockM % 16 == 0 && kBlockN % 16 == 0, "mma tiles");
+};
+
+// All head dims: 64 queries x 64 keys with 8 warps. FA2's sm80 backward
+// (flash_bwd_launch_template.h) uses 8 warps with 128 x 128 at hd64, 64 x 128 at hd96 and
+// hd128 (64 x 64 where the GPU has < 144 KB smem per block) and 64 x 64 at hd256. Our
+// 64-key CTA gives each warp 16 keys x kHeadDim/2 columns of dK and dV: 2 x 32 fp32
+// registers at hd128, 2 x 64 at hd256, which leaves room for the transient S/dP (16 + 16)
+// and dQ (<= 32) fragments without spilling (ptxas -v, sm_80: 158 / 170 / 220 / 249
+// registers at hd 64 / 96 / 128 / 256, 0 spills). Smem (single-buffered Q/dO): 86.5 KB at
+// hd128, 150.5 KB at hd256 (under sm80's 163 KB). A 128-key CTA (FA2's choice) and
+// double-buffered Q/dO are the next steps to try on a GPU.
+template <int kHeadDim> struct BwdConfig {
+  using T = BwdTraits<kHeadDim, 64, 64, 8>;
+};
+
+}  // namespace cuda
+}  // namespace ring_attn

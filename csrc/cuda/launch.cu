@@ -1,0 +1,210 @@
+// TORCH_LIBRARY_IMPL(ring_attn, CUDA, m): the CUDA implementations of attn_fwd / attn_bwd.
+//
+// Checks, mask broadcasting, allocation and delta live in csrc/attn_host.cpp (shared with
+// the CPU backend); this file adds the CUDA-only checks, the device guard and stream, and
+// maps (dtype, head dim) to the kernel instantiations of csrc/cuda/inst/:
+//   bfloat16 / float16  tensor-core kernels (sm_80+), head dim padded up to the smallest
+//                       compiled instantiation >= max(D, Dv) (64, 96, 128, 256)
+//   float32 / float64   SIMT kernels in the input precision (simt_kernel.cuh): float64 is
+//                       supported on CUDA, correct but slow (no tensor-core fp64 path)
+// Head dims above 256 are rejected with a clear error on every dtype.
+//
+// RING_ATTN_HEAD_DIMS (setup.py) may limit the compiled head dims; setup.py then defines
+// RING_ATTN_HEAD_DIMS_LIMITED and RING_ATTN_HAS_HD<N> for each compiled N, and only those
+// instantiations are referenced here (so the extension links).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "attn_host.h"
+#include "cuda/launch_api.h"
+
+#ifndef RING_ATTN_HEAD_DIMS_LIMITED
+#define RING_ATTN_HAS_HD64 1
+#define RING_ATTN_HAS_HD96 1
+#define RING_ATTN_HAS_HD128 1
+#define RING_ATTN_HAS_HD256 1
+#endif
+
+namespace ring_attn::cuda {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// The head dims this build compiled, ascending.
+constexpr int kCompiledHeadDims[] = {
+#ifdef RING_ATTN_HAS_HD64
+    64,
+#endif
+#ifdef RING_ATTN_HAS_HD96
+    96,
+#endif
+#ifdef RING_ATTN_HAS_HD128
+    128,
+#endif
+#ifdef RING_ATTN_HAS_HD256
+    256,
+#endif
+    0};  // sentinel (keeps the array non-empty when no head dim was compiled)
+
+std::string compiled_head_dims() {
+  std::string s;
+  for (int hd : kCompiledHeadDims) {
+    if (hd == 0) break;
+    s += (s.empty() ? "" : ", ") + std::to_string(hd);
+  }
+  return s.empty() ? "none" : s;
+}
+
+int pick_head_dim(int64_t D, int64_t Dv) {
+  const int64_t need = std::max(D, Dv);
+  for (int hd : kCompiledHeadDims) {
+    if (hd != 0 && hd >= need) return hd;
+  }
+  TORCH_CHECK(false, "ring_attn: no CUDA kernel compiled for head dim max(D, Dv) = ", need,
+              "; this build has head dims {", compiled_head_dims(),
+              "} (rebuild without RING_ATTN_HEAD_DIMS, or include a dim >= ", need, ")");
+}
+
+void check_cuda_shape(const AttnShape& s, const at::Tensor& q) {
+  TORCH_CHECK(s.D <= kMaxHeadDim && s.Dv <= kMaxHeadDim,
+              "ring_attn: CUDA kernels support head dims up to ", kMaxHeadDim, ", got D = ", s.D,
+              ", Dv = ", s.Dv);
+  TORCH_CHECK(s.Sq <= INT32_MAX && s.Sk <= INT32_MAX,
+              "ring_attn: CUDA kernels need sequence lengths below 2^31, got Sq = ", s.Sq,
+              ", Sk = ", s.Sk);
+  TORCH_CHECK(s.B <= 65535 && s.Hq <= 65535,
+              "ring_attn: CUDA kernels need batch and heads <= 65535 (grid limits), got B = ",
+              s.B, ", Hq = ", s.Hq);
+  if (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) {
+    const auto* prop = at::cuda::getCurrentDeviceProperties();
+    TORCH_CHECK(prop->major >= 8, "ring_attn: bfloat16/float16 CUDA kernels need compute "
+                "capability 8.0+ (mma.sync bf16, cp.async), got ", prop->major, ".", prop->minor);
+  }
+}
+
+template <typename Elem>
+cudaError_t fwd_tc(int hd, const AttnFwdParams& p, bool out_fp32, cudaStream_t st) {
+  switch (hd) {
+#ifdef RING_ATTN_HAS_HD64
+    case 64: return run_fwd_tc<Elem, 64>(p, out_fp32, st);
+#endif
+#ifdef RING_ATTN_HAS_HD96
+    case 96: return run_fwd_tc<Elem, 96>(p, out_fp32, st);
+#endif
+#ifdef RING_ATTN_HAS_HD128
+    case 128: return run_fwd_tc<Elem, 128>(p, out_fp32, st);
+#endif
+#ifdef RING_ATTN_HAS_HD256
+    case 256: return run_fwd_tc<Elem, 256>(p, out_fp32, st);
+#endif
+    default: break;
+  }
+  TORCH_CHECK(false, "ring_attn: internal error, head dim ", hd, " not compiled");
+  return cudaErrorInvalidValue;
+}
+
+template <typename Elem>
+cudaError_t bwd_tc(int hd, const AttnBwdParams& p, float* dq_accum, bool grad_fp32,
+                   cudaStream_t st) {
+  switch (hd) {
+#ifdef RING_ATTN_HAS_HD64
+    case 64: return run_bwd_tc<Elem, 64>(p, dq_accum, grad_fp32, st);
+#endif
+#ifdef RING_ATTN_HAS_HD96
+    case 96: return run_bwd_tc<Elem, 96>(p, dq_accum, grad_fp32, st);
+#endif
+#ifdef RING_ATTN_HAS_HD128
+    case 128: return run_bwd_tc<Elem, 128>(p, dq_accum, grad_fp32, st);
+#endif
+#ifdef RING_ATTN_HAS_HD256
+    case 256: return run_bwd_tc<Elem, 256>(p, dq_accum, grad_fp32, st);
+#endif
+    default: break;
+  }
+  TORCH_CHECK(false, "ring_attn: internal error, head dim ", hd, " not compiled");
+  return cudaErrorInvalidValue;
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& attn_mask,
+    const OptTensor& q_pos, const OptTensor& k_pos, int64_t q_offset, int64_t k_offset,
+    bool is_causal, double scale, double dropout_p, const OptTensor& seed, bool out_fp32) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const FwdArgs args{q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset,
+                     is_causal, scale, dropout_p, seed};
+  PreparedFwd prep = prepare_fwd(args, out_fp32, c10::DeviceType::CUDA);
+  const AttnFwdParams& p = prep.params;
+  check_cuda_shape(p.shape, prep.q);
+  if (p.shape.B == 0 || p.shape.Hq == 0 || p.shape.Sq == 0) return {prep.out, prep.lse};
+  const bool of32 = prep.out.scalar_type() == at::kFloat;
+  const cudaStream_t st = at::cuda::getCurrentCUDAStream();
+  cudaError_t err;
+  switch (prep.q.scalar_type()) {
+    case at::kBFloat16:
+      err = fwd_tc<__nv_bfloat16>(pick_head_dim(p.shape.D, p.shape.Dv), p, of32, st);
+      break;
+    case at::kHalf:
+      err = fwd_tc<__half>(pick_head_dim(p.shape.D, p.shape.Dv), p, of32, st);
+      break;
+    case at::kFloat: err = run_fwd_simt<float>(p, of32, st); break;
+    case at::kDouble: err = run_fwd_simt<double>(p, of32, st); break;
+    default: TORCH_CHECK(false, "ring_attn: unsupported dtype ", prep.q.scalar_type());
+  }
+  C10_CUDA_CHECK(err);
+  return {prep.out, prep.lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const OptTensor& dlse,
+    const OptTensor& attn_mask, const OptTensor& q_pos, const OptTensor& k_pos,
+    int64_t q_offset, int64_t k_offset, bool is_causal, double scale, double dropout_p,
+    const OptTensor& seed, bool grad_fp32) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const FwdArgs args{q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset,
+                     is_causal, scale, dropout_p, seed};
+  PreparedBwd prep = prepare_bwd(dout, out, lse, dlse, args, grad_fp32, c10::DeviceType::CUDA);
+  const AttnBwdParams& p = prep.params;
+  const AttnShape& s = p.shape;
+  check_cuda_shape(s, prep.q);
+  if (s.B * s.Hq * s.Sq == 0 || s.B * s.Hk * s.Sk == 0) {
+    // No query or no key: every gradient is an (empty or) zero sum.
+    prep.dq.zero_();
+    prep.dk.zero_();
+    prep.dv.zero_();
+    return {prep.dq, prep.dk, prep.dv};
+  }
+  const bool g32 = prep.dq.scalar_type() == at::kFloat;
+  const cudaStream_t st = at::cuda::getCurrentCUDAStream();
+  cudaError_t err;
+  const auto dt = prep.q.scalar_type();
+  if (dt == at::kBFloat16 || dt == at::kHalf) {
+    // dQ is accumulated with fp32 atomics (one add per key block); under grad_fp32 the
+    // output itself is the accumulator, otherwise a float32 buffer converted at the end.
+    at::Tensor dq_accum = g32 ? prep.dq.zero_() : at::zeros(prep.dq.sizes(), prep.dq.options().dtype(at::kFloat));
+    const int hd = pick_head_dim(s.D, s.Dv);
+    err = dt == at::kBFloat16 ? bwd_tc<__nv_bfloat16>(hd, p, dq_accum.data_ptr<float>(), g32, st)
+                              : bwd_tc<__half>(hd, p, dq_accum.data_ptr<float>(), g32, st);
+    C10_CUDA_CHECK(err);
+    if (!g32) prep.dq.copy_(dq_accum);
+  } else {
+    err = dt == at::kFloat ? run_bwd_simt<float>(p, g32, st) : run_bwd_simt<double>(p, g32, st);
+    C10_CUDA_CHECK(err);
+  }
+  return {prep.dq, prep.dk, prep.dv};
+}
+
+}  // namespace
+}  // namespace ring_attn::cuda
+
+TORCH_LIBRARY_IMPL(ring_attn, CUDA, m) {
+  m.impl("attn_fwd", &ring_attn::cuda::attn_fwd_cuda);
+  m.impl("attn_bwd", &ring_attn::cuda::attn_bwd_cuda);
+}

@@ -1,0 +1,254 @@
+// Device helpers shared by the CUDA kernels: tensor-core (mma.sync / ldmatrix) and
+// cp.async wrappers, the smem tile loader, and the attention-mask semantics of
+// csrc/common/attn_params.h evaluated per element. Only CUDA headers and csrc/common.
+//
+// All inline PTX here is sm_80 PTX (mma.sync.m16n8k16, ldmatrix, cp.async), which the
+// sm_90 compiler accepts unchanged, so one source serves A100 and H100/H200.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+
+#include "common/attn_params.h"
+#include "common/dropout_rng.h"
+
+namespace ring_attn {
+namespace cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---------------------------------------------------------------------------------------
+// Element types of the tensor-core path.
+template <typename Elem> struct ElemOps;
+
+template <> struct ElemOps<__nv_bfloat16> {
+  // Two floats -> one register of two bf16, lower half = `lo` (the lower column index,
+  // as the mma fragments expect).
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
+  // D = A * B + D, m16n8k16, A row-major, B column-major, fp32 accumulate.
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <> struct ElemOps<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// ldmatrix: four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i and
+// register i receives matrix i (lane t holds row t/4, columns 2(t%4), 2(t%4)+1; with
+// .trans, row 2(t%4)+{0,1} and column t/4 of the stored matrix).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// Fragment loaders for one warp. `base` is a row-major smem tile with `stride` elements per
+// row. They name the four layouts the kernels need:
+//  * A (16x16 at rows m0, cols k0) stored as A[m][k]                    -> load_a
+//  * A (16x16) stored transposed, At[k][m] (e.g. P[query][key] as P^T)   -> load_a_trans
+//  * B for two n8 tiles (k16 x n16) stored as Bt[n][k] (e.g. K[key][d])  -> load_b2
+//  * B for two n8 tiles stored as B[k][n] (e.g. V[key][dv])               -> load_b2_trans
+// load_b2* return {b0, b1} of n-tile 0 in r[0], r[1] and of n-tile 1 in r[2], r[3].
+template <typename Elem>
+__device__ __forceinline__ void load_a(uint32_t (&r)[4], const Elem* base, int stride, int m0,
+                                       int k0, int lane) {
+  const int row = m0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int col = k0 + (lane >> 4) * 8;
+  ldmatrix_x4(r, base + row * stride + col);
+}
+
+template <typename Elem>
+__device__ __forceinline__ void load_a_trans(uint32_t (&r)[4], const Elem* base, int stride,
+                                             int m0, int k0, int lane) {
+  const int krow = k0 + (lane & 7) + (lane >> 4) * 8;
+  const int mcol = m0 + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4_trans(r, base + krow * stride + mcol);
+}
+
+template <typename Elem>
+__device__ __forceinline__ void load_b2(uint32_t (&r)[4], const Elem* base, int stride, int n0,
+                                        int k0, int lane) {
+  const int nrow = n0 + (lane & 7) + (lane >> 4) * 8;
+  const int kcol = k0 + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4(r, base + nrow * stride + kcol);
+}
+
+template <typename Elem>
+__device__ __forceinline__ void load_b2_trans(uint32_t (&r)[4], const Elem* base, int stride,
+                                              int n0, int k0, int lane) {
+  const int krow = k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int ncol = n0 + (lane >> 4) * 8;
+  ldmatrix_x4_trans(r, base + krow * stride + ncol);
+}
+
+// ---------------------------------------------------------------------------------------
+// cp.async (sm_80+): 16-byte global -> shared copies that bypass registers.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copies rows [0, rows_valid) x cols [0, cols_valid) of a global tile (row stride `gstride`
+// elements, unit column stride) into a [kRows][kCols] smem tile with `sstride` elements per
+// row, zero-filling everything outside: padded head-dim lanes and rows past the sequence
+// end must be exact zeros (0 * garbage could be NaN in the products). 16-byte chunks use
+// cp.async when the source is 16-byte aligned; ragged chunks (odd head dims, unaligned
+// views) fall back to element loads.
+template <int kRows, int kCols, int kNThreads, typename Elem>
+__device__ __forceinline__ void load_tile(Elem* smem, int sstride, const Elem* gmem,
+                                          int64_t gstride, int rows_valid, int cols_valid) {
+  static_assert(kCols % 8 == 0, "tile width must be a multiple of 8 elements (16 bytes)");
+  constexpr int kChunks = kCols / 8;
+  const bool vec_ok = (reinterpret_cast<uintptr_t>(gmem) % 16 == 0) && (gstride % 8 == 0);
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kNThreads) {
+    const int r = idx / kChunks;
+    const int c = (idx % kChunks) * 8;
+    Elem* dst = smem + r * sstride + c;
+    if (r < rows_valid && c + 8 <= cols_valid && vec_ok) {
+      cp_async_16(dst, gmem + r * gstride + c);
+    } else if (r >= rows_valid || c >= cols_valid) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    } else {
+      const Elem* src = gmem + r * gstride + c;
+      const Elem zero = ElemOps<Elem>::from_float(0.f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = c + e < cols_valid ? src[e] : zero;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Positions and masks (the semantics of attn_params.h).
+__device__ __forceinline__ int64_t q_position(const AttnMaskParams& m, int i) {
+  return m.q_pos ? m.q_pos[i] : m.q_offset + i;
+}
+__device__ __forceinline__ int64_t k_position(const AttnMaskParams& m, int j) {
+  return m.k_pos ? m.k_pos[j] : m.k_offset + j;
+}
+
+// Min and max of positions [start, start + len) (len >= 1), identical in every lane of
+// the warp. Used to skip tiles that causality masks entirely and to drop per-element
+// masking where causality masks nothing: positions may be any map (zigzag, striped).
+__device__ __forceinline__ void position_range(const int64_t* pos, int64_t offset, int start,
+                                               int len, int lane, int64_t& mn, int64_t& mx) {
+  if (pos == nullptr) {
+    mn = offset + start;
+    mx = offset + start + len - 1;
+    return;
+  }
+  mn = INT64_MAX;
+  mx = INT64_MIN;
+  for (int t = lane; t < len; t += 32) {
+    const int64_t v = pos[start + t];
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const int64_t a = __shfl_xor_sync(0xffffffffu, mn, o);
+    const int64_t b = __shfl_xor_sync(0xffffffffu, mx, o);
+    mn = a < mn ? a : mn;
+    mx = b > mx ? b : mx;
+  }
+}
+
+// Score transform of one element given its validity: returns the additive term in log2
+// units (0 when no float mask) or -inf when the element is masked out (causal or bool
+// false). Row i < Sq and column j < Sk are the caller's responsibility.
+__device__ __forceinline__ float mask_term_log2(const AttnMaskParams& m, const void* mask_bh,
+                                                int i, int j, int64_t qpos, int64_t kpos) {
+  if (m.causal && kpos > qpos) return -INFINITY;
+  if (m.kind == MaskKind::kBool) {
+    const uint8_t* mb = static_cast<const uint8_t*>(mask_bh);
+    if (!mb[i * m.stride[2] + j * m.stride[3]]) return -INFINITY;
+  } else if (m.kind == MaskKind::kFloat) {
+    const float* mf = static_cast<const float*>(mask_bh);
+    return mf[i * m.stride[2] + j * m.stride[3]] * kLog2e;
+  }
+  return 0.f;
+}
+
+__device__ __forceinline__ const void* mask_slice(const AttnMaskParams& m, int b, int h) {
+  if (m.kind == MaskKind::kNone) return nullptr;
+  const int64_t off = b * m.stride[0] + h * m.stride[1];
+  return m.kind == MaskKind::kBool
+             ? static_cast<const void*>(static_cast<const uint8_t*>(m.ptr) + off)
+             : static_cast<const void*>(static_cast<const float*>(m.ptr) + off);
+}
+
+// Word (kpos & 3) of a Philox result, by selects: a dynamic index into the struct would
+// put it in local memory (ptxas showed a 32-byte stack frame for r.w[kpos & 3]).
+__device__ __forceinline__ uint32_t philox_word(const Philox4& r, int64_t kpos) {
+  const uint32_t lane = static_cast<uint32_t>(kpos) & 3u;
+  const uint32_t lo = lane & 1u ? r.w[1] : r.w[0];
+  const uint32_t hi = lane & 1u ? r.w[3] : r.w[2];
+  return lane & 2u ? hi : lo;
+}
+
+// Dropout decision (dropout_rng.h's dropout_keep, bit for bit) for two horizontally
+// adjacent elements of one row (the pair a thread holds in an mma accumulator); one
+// Philox call serves both when their keys share a group of four positions (always, for
+// contiguous even-aligned positions).
+__device__ __forceinline__ void dropout_keep2(const DropoutParams& d, int b, int h, int64_t qpos,
+                                              int64_t kpos0, int64_t kpos1, bool& keep0,
+                                              bool& keep1) {
+  const Philox4 r0 = dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
+                                   qpos, kpos0);
+  keep0 = philox_word(r0, kpos0) >= d.threshold;
+  if ((static_cast<uint64_t>(kpos0) >> 2) == (static_cast<uint64_t>(kpos1) >> 2)) {
+    keep1 = philox_word(r0, kpos1) >= d.threshold;
+  } else {
+    const Philox4 r1 = dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
+                                     qpos, kpos1);
+    keep1 = philox_word(r1, kpos1) >= d.threshold;
+  }
+}
+
+__host__ __device__ constexpr int ceil_div(int64_t a, int b) {
+  return static_cast<int>((a + b - 1) / b);
+}
+
+}  // namespace cuda
+}  // namespace ring_attn

@@ -1,0 +1,147 @@
+"""One ring step: the kernel call on one (query block, K/V block) pair, and its merge.
+
+The real ring (ring.py) and the in-process simulated ring (simulated.py) both drive these
+two functions, so they share every per-step decision: which rows to narrow to (from the
+schedule), the global positions given to the kernel (they key the causal mask and the
+dropout RNG, so a sharded run masks and drops exactly what one device would), the slice
+of the attention mask, and the fp32 merge.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from . import ops
+from .layout import Run, local_runs, narrow_runs, runs_to_positions
+from .merge import acc_dtype, merge_
+from .schedule import BlockStep, ring_plan
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """Everything a rank needs to run its part of the ring; identical on every rank
+    except `rank` (checked by validate.py before the first step)."""
+    rank: int
+    world_size: int
+    layout: str
+    is_causal: bool
+    scale: float
+    dropout_p: float
+    seed: Optional[Tensor]      # int64 scalar, the same on every rank; None w/o dropout
+    s_local: int
+    plan: list[BlockStep] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plan", ring_plan(self.rank, self.world_size, self.layout,
+                                                   self.is_causal, self.s_local))
+
+    def runs(self, rank: int) -> list[Run]:
+        return local_runs(rank, self.world_size, self.s_local, self.layout)
+
+
+def _kernel_positions(runs: Sequence[Run], device: torch.device) -> tuple[Optional[Tensor], int]:
+    """A single unit-step run is an offset (no position tensor); anything else a map."""
+    if len(runs) == 1 and runs[0].step == 1:
+        return None, runs[0].start
+    return runs_to_positions(runs, device), 0
+
+
+def slice_mask(mask: Optional[Tensor], q_start: int, q_len: int,
+               k_runs: Sequence[Run]) -> Optional[Tensor]:
+    """The block's part of this rank's [B|1, H|1, S_local|1, S] mask: a view when the
+    block's keys form one run (contiguous, striped, zigzag off-diagonal), else a copy."""
+    if mask is None:
+        return None
+    m = mask if mask.size(2) == 1 else mask.narrow(2, q_start, q_len)
+    views = [m[..., r.start: r.start + r.step * (r.count - 1) + 1: r.step] for r in k_runs]
+    return views[0] if len(views) == 1 else torch.cat(views, -1)
+
+
+@dataclass
+class _Block:
+    q_pos: Optional[Tensor]
+    q_off: int
+    k_pos: Optional[Tensor]
+    k_off: int
+    mask: Optional[Tensor]
+
+
+def _block_inputs(spec: RingSpec, blk: BlockStep, mask: Optional[Tensor],
+                  device: torch.device) -> _Block:
+    q_runs = narrow_runs(spec.runs(spec.rank), blk.q_start, blk.q_len)
+    k_runs = narrow_runs(spec.runs(blk.source), blk.k_start, blk.k_len)
+    q_pos, q_off = _kernel_positions(q_runs, device)
+    k_pos, k_off = _kernel_positions(k_runs, device)
+    return _Block(q_pos, q_off, k_pos, k_off, slice_mask(mask, blk.q_start, blk.q_len, k_runs))
+
+
+def _rows(t: Tensor, start: int, length: int, dim: int = 2) -> Tensor:
+    return t if start == 0 and length == t.size(dim) else t.narrow(dim, start, length)
+
+
+Acc = tuple[Tensor, Tensor]  # (out [B, Hq, S_local, Dv], lse [B, Hq, S_local]), acc dtype
+
+
+def forward_block(spec: RingSpec, blk: BlockStep, q: Tensor, k: Tensor, v: Tensor,
+                  mask: Optional[Tensor], acc: Optional[Acc]) -> Optional[Acc]:
+    """Attention of the block's queries over the block's keys, merged into acc.
+
+    acc None starts the accumulators from this block (the schedule's step 0 covers every
+    query row). Returns the accumulators (updated in place when given)."""
+    if blk.skip:
+        return acc
+    b = _block_inputs(spec, blk, mask, q.device)
+    wide = q.dtype != torch.float64  # partials in float32; float64 stays float64
+    out, lse = ops.attn_fwd(
+        _rows(q, blk.q_start, blk.q_len), _rows(k, blk.k_start, blk.k_len),
+        _rows(v, blk.k_start, blk.k_len), b.mask, b.q_pos, b.k_pos, b.q_off, b.k_off,
+        blk.causal, spec.scale, spec.dropout_p, spec.seed, wide)
+    if acc is None:
+        if blk.q_len != q.size(2):
+            raise AssertionError("ring_attn: the first block must cover every query row")
+        return out, lse.to(acc_dtype(q.dtype))
+    acc_out, acc_lse = acc
+    merge_(_rows(acc_out, blk.q_start, blk.q_len), _rows(acc_lse, blk.q_start, blk.q_len),
+           out, lse)
+    return acc
+
+
+@dataclass
+class BlockGrads:
+    """A block's float32 (float64 for float64 inputs) gradient partials and the rows
+    they belong to."""
+    blk: BlockStep
+    dq: Tensor
+    dk: Tensor
+    dv: Tensor
+
+    def add_to(self, dq_acc: Tensor, dk_acc: Tensor, dv_acc: Tensor) -> None:
+        """dq into this rank's dQ; dk/dv into the accumulators of the K/V shard held."""
+        b = self.blk
+        _rows(dq_acc, b.q_start, b.q_len).add_(self.dq)
+        _rows(dk_acc, b.k_start, b.k_len).add_(self.dk)
+        _rows(dv_acc, b.k_start, b.k_len).add_(self.dv)
+
+
+def backward_block(spec: RingSpec, blk: BlockStep, dout: Tensor, q: Tensor, k: Tensor,
+                   v: Tensor, out: Tensor, lse: Tensor,
+                   mask: Optional[Tensor]) -> Optional[BlockGrads]:
+    """The block's gradient partials (None for a skipped block).
+
+    out and lse are this rank's GLOBAL attention output and log-sum-exp (over all keys),
+    so each block's probabilities exp(score - lse) are already the final ones and the
+    blocks' partials simply add up."""
+    if blk.skip:
+        return None
+    b = _block_inputs(spec, blk, mask, q.device)
+    qs, ql, ks, kl = blk.q_start, blk.q_len, blk.k_start, blk.k_len
+    wide = q.dtype != torch.float64
+    dq, dk, dv = ops.attn_bwd(
+        _rows(dout, qs, ql), _rows(q, qs, ql), _rows(k, ks, kl), _rows(v, ks, kl),
+        _rows(out, qs, ql), _rows(lse, qs, ql), None, b.mask, b.q_pos, b.k_pos, b.q_off,
+        b.k_off, blk.causal, spec.scale, spec.dropout_p, spec.seed, wide)
+    return BlockGrads(blk, dq, dk, dv)

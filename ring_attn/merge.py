@@ -1,0 +1,53 @@
+"""Exact merge of partial attention results through the log-sum-exp.
+
+A block's kernel returns out_b = softmax-weighted values over its keys and lse_b =
+log sum_j exp(score_j) over the same keys. Two partials over disjoint key sets combine
+into the attention over their union:
+
+    lse = log(exp(lse_a) + exp(lse_b)) = m + log(w_a + w_b),  m = max(lse_a, lse_b),
+    out = (w_a * out_a + w_b * out_b) / (w_a + w_b),           w_x = exp(lse_x - m)
+
+Weights are computed relative to the running max, so nothing overflows. A row with no
+key yet has lse = -inf (and out = 0); when both are -inf, m is replaced by 0 so the
+weights are exp(-inf) = 0 instead of exp(nan), and the row stays out = 0, lse = -inf.
+
+The accumulators are float32 (float64 for float64 inputs) whatever the input dtype, so a
+bf16 ring rounds its output once, at the end, not once per step.
+"""
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of dtype: float64 stays, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+    """In place: (acc_out, acc_lse) <- merge of itself with (out, lse).
+
+    acc_out [..., S, Dv] and acc_lse [..., S] may be views (narrowed rows of a larger
+    accumulator); out / lse are any floating dtype and are promoted to acc_out's."""
+    lse = lse.to(acc_lse.dtype)
+    m = torch.maximum(acc_lse, lse)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    w_acc = torch.exp(acc_lse - m)
+    w_new = torch.exp(lse - m)
+    total = w_acc + w_new
+    # total == 0 only where both lse are -inf: keep out = 0 there.
+    inv = torch.where(total > 0, total.reciprocal(), torch.zeros_like(total))
+    acc_out.mul_((w_acc * inv).unsqueeze(-1).to(acc_out.dtype))
+    acc_out.add_(out.to(acc_out.dtype) * (w_new * inv).unsqueeze(-1).to(acc_out.dtype))
+    acc_lse.copy_(m + torch.log(total))
+
+
+def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Out-of-place merge in the accumulation dtype of out_a."""
+    dt = acc_dtype(out_a.dtype)
+    acc_out = out_a.to(dt, copy=True)
+    acc_lse = lse_a.to(torch.float64 if dt == torch.float64 else torch.float32, copy=True)
+    merge_(acc_out, acc_lse, out_b, lse_b)
+    return acc_out, acc_lse

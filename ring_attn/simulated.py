@@ -1,0 +1,112 @@
+"""The ring in one process: P virtual ranks driving the real per-step code.
+
+`simulated_ring_attention` shards full tensors with the real layout, then, step by step,
+lets each virtual rank r compute the block the real schedule gives it against the K/V
+shard it would hold (that of rank (r - t) mod P), through the same `forward_block` /
+`backward_block` and fp32 merge as ring.py; only the transfers are replaced by indexing.
+The dK/dV partials of each shard are added in the order the real ring adds them (owner
+first, then each next rank), so the numerics match the real ring's.
+
+Use it to test the ring's numerics (any P, any layout) without a process group, on CPU
+or CUDA tensors alike, and to measure how the error grows with P.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from .block import RingSpec, backward_block, forward_block
+from .functional import draw_seed, validate_inputs
+from .layout import check_global_length, check_layout, shard_tensor, unshard_tensors
+from .merge import acc_dtype
+
+Tensor = torch.Tensor
+
+
+def _mask_4d(mask: Tensor, b: int, h: int, s: int) -> Tensor:
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    for i, want in enumerate((b, h, s, s)):
+        if m.size(i) not in (1, want) or (i == 3 and m.size(i) != want):
+            raise ValueError(f"ring_attn: attn_mask shape {tuple(mask.shape)} does not "
+                             f"broadcast to [B, Hq, S, S] = {[b, h, s, s]}")
+    return m
+
+
+class _SimulatedRing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                specs: list[RingSpec]) -> Tensor:
+        p, layout = len(specs), specs[0].layout
+        qs = [shard_tensor(q, r, p, layout).contiguous() for r in range(p)]
+        ks = [shard_tensor(k, r, p, layout).contiguous() for r in range(p)]
+        vs = [shard_tensor(v, r, p, layout).contiguous() for r in range(p)]
+        masks = [None if mask is None else
+                 mask if mask.size(2) == 1 else shard_tensor(mask, r, p, layout)
+                 for r in range(p)]
+        accs: list = [None] * p
+        for t in range(p):
+            for r in range(p):
+                blk = specs[r].plan[t]
+                accs[r] = forward_block(specs[r], blk, qs[r], ks[blk.source], vs[blk.source],
+                                        masks[r], accs[r])
+        outs = [acc[0].to(q.dtype) for acc in accs]
+        lses = [acc[1].float() for acc in accs]
+        ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
+        ctx.masks, ctx.specs = masks, specs
+        return unshard_tensors(outs, layout)
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor):
+        specs = ctx.specs
+        p, layout = len(specs), specs[0].layout
+        saved = ctx.saved_tensors
+        qs, ks, vs, outs, lses = (saved[i * p:(i + 1) * p] for i in range(5))
+        douts = [shard_tensor(dout, r, p, layout) for r in range(p)]
+        dt = acc_dtype(qs[0].dtype)
+        dq = [torch.zeros(x.shape, dtype=dt, device=x.device) for x in qs]
+        dk = [torch.zeros(x.shape, dtype=dt, device=x.device) for x in ks]
+        dv = [torch.zeros(x.shape, dtype=dt, device=x.device) for x in vs]
+        for t in range(p):
+            for r in range(p):
+                blk = specs[r].plan[t]
+                s = blk.source
+                grads = backward_block(specs[r], blk, douts[r], qs[r], ks[s], vs[s], outs[r],
+                                       lses[r], ctx.masks[r])
+                if grads is not None:
+                    grads.add_to(dq[r], dk[s], dv[s])
+        full = [unshard_tensors([g.to(qs[0].dtype) for g in gs], layout) for gs in (dq, dk, dv)]
+        return full[0], full[1], full[2], None, None
+
+
+def simulated_ring_attention(query: Tensor, key: Tensor, value: Tensor, *, world_size: int,
+                             layout: str = "zigzag", is_causal: bool = False,
+                             scale: Optional[float] = None, attn_mask: Optional[Tensor] = None,
+                             dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+    """Attention of FULL tensors [B, Hq, S, D] / [B, Hk, S, D] / [B, Hk, S, Dv] computed as
+    a ring of `world_size` virtual ranks would; returns the full output [B, Hq, S, Dv]
+    (differentiable). attn_mask: bool or additive, broadcastable to [B, Hq, S, S].
+    Dropout: seed (int64 scalar) defaults to draw_seed(), so with the same
+    torch.manual_seed the output equals ring_attn.scaled_dot_product_attention's."""
+    check_layout(layout)
+    validate_inputs(query, key, value, attn_mask, dropout_p, False, scale, True)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise ValueError(f"ring_attn: {name} must be 4-D [B, H, S, D], got {t.dim()}-D")
+    if key.size(2) != query.size(2):
+        raise ValueError("ring_attn: the ring is self-attention: key length must equal "
+                         f"query's {query.size(2)}, got {key.size(2)}")
+    if world_size < 1:
+        raise ValueError(f"ring_attn: world_size must be >= 1, got {world_size}")
+    s = query.size(2)
+    check_global_length(s, world_size, layout)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1))
+    mask = None if attn_mask is None else _mask_4d(attn_mask, query.size(0), query.size(1), s)
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_seed()
+    specs = [RingSpec(r, world_size, layout, bool(is_causal), float(scale), float(dropout_p),
+                      seed if dropout_p > 0.0 else None, s // world_size)
+             for r in range(world_size)]
+    return _SimulatedRing.apply(query, key, value, mask, specs)

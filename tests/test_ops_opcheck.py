@@ -1,0 +1,166 @@
+"""The ring_attn ops themselves: torch.library.opcheck (schema, fake kernel, autograd
+registration, AOT dispatch with dynamic shapes) over representative inputs, and the op
+contract's semantics (global positions by offsets or maps, GQA head mapping, masks, lse,
+the dlse input of attn_bwd) against a float64 reference built from explicit masks."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from ring_attn import ops
+from helpers import assert_close_to_ref, randn
+
+Tensor = torch.Tensor
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _fwd_case(device: str, name: str, dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]:
+    """(q, k, v) and keyword args of attn_fwd for one named representative case."""
+    g = _gen(1)
+    B, Hq, Hk, Sq, Sk, D, Dv = 2, 4, 2, 13, 17, 16, 8
+    q = randn((B, Hq, Sq, D), dtype, g, device)
+    k = randn((B, Hk, Sk, D), dtype, g, device)
+    v = randn((B, Hk, Sk, Dv), dtype, g, device)
+    kw: dict[str, Any] = {"scale": 1.0 / math.sqrt(D)}
+    if name == "causal_offsets":
+        kw.update(is_causal=True, q_offset=17, k_offset=9)
+    elif name == "pos_maps":
+        # Zigzag-like, non-contiguous global positions.
+        kw.update(is_causal=True,
+                  q_pos=torch.tensor([0, 1, 2, 3, 4, 5, 26, 27, 28, 29, 30, 31, 32],
+                                     device=device),
+                  k_pos=torch.randperm(40, generator=g)[:Sk].to(device))
+    elif name == "bool_mask":
+        kw.update(attn_mask=torch.rand((B, 1, Sq, Sk), generator=g).gt(0.3).to(device))
+    elif name == "float_mask":
+        kw.update(attn_mask=randn((1, Hq, Sq, Sk), dtype, g, device))
+    elif name == "out_fp32":
+        kw.update(out_fp32=True, is_causal=True)
+    elif name == "dropout":
+        kw.update(dropout_p=0.3, seed=torch.tensor(1234567, dtype=torch.int64, device=device),
+                  is_causal=True)
+    elif name != "plain":
+        raise ValueError(name)
+    return (q, k, v), kw
+
+
+FWD_CASES = ["plain", "causal_offsets", "pos_maps", "bool_mask", "float_mask", "out_fp32",
+             "dropout"]
+
+
+def _check_opcheck_fwd(device: str, name: str, dtype: torch.dtype) -> None:
+    (q, k, v), kw = _fwd_case(device, name, dtype)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.ring_attn.attn_fwd.default, (q, k, v), kw)
+
+
+def _check_opcheck_bwd(device: str, name: str, dtype: torch.dtype) -> None:
+    (q, k, v), kw = _fwd_case(device, name, dtype)
+    out, lse = ops.attn_fwd(q, k, v, **kw)
+    g = _gen(2)
+    dout = randn(out.shape, dtype, g, device)
+    dlse = randn(lse.shape, F32, g, device)
+    bkw = {key: val for key, val in kw.items() if key != "out_fp32"}
+    for grad_fp32 in (False, True):
+        torch.library.opcheck(torch.ops.ring_attn.attn_bwd.default,
+                              (dout, q, k, v, out.to(dtype), lse, dlse),
+                              dict(bkw, grad_fp32=grad_fp32))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=str)
+@pytest.mark.parametrize("name", FWD_CASES)
+def test_opcheck_attn_fwd_cpu(name: str, dtype: torch.dtype) -> None:
+    _check_opcheck_fwd("cpu", name, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=str)
+@pytest.mark.parametrize("name", FWD_CASES)
+def test_opcheck_attn_fwd_cuda(name: str, dtype: torch.dtype) -> None:
+    _check_opcheck_fwd("cuda", name, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("name", FWD_CASES)
+def test_opcheck_attn_bwd_cpu(name: str, dtype: torch.dtype) -> None:
+    _check_opcheck_bwd("cpu", name, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("name", FWD_CASES)
+def test_opcheck_attn_bwd_cuda(name: str, dtype: torch.dtype) -> None:
+    _check_opcheck_bwd("cuda", name, dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Semantics of the contract, float64 reference from an explicit mask.
+def _reference_out_lse(q: Tensor, k: Tensor, v: Tensor, kw: dict[str, Any]
+                       ) -> tuple[Tensor, Tensor]:
+    """out, lse in float64 of q, k, v (float64 leaves) under kw's positions and masks."""
+    Hq, Hk = q.shape[1], k.shape[1]
+    Sq, Sk = q.shape[2], k.shape[2]
+    kk = k.repeat_interleave(Hq // Hk, dim=1)
+    vv = v.repeat_interleave(Hq // Hk, dim=1)
+    s = (q @ kk.transpose(-1, -2)) * kw["scale"]
+    mask = kw.get("attn_mask")
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    if kw.get("is_causal"):
+        qp = kw.get("q_pos", torch.arange(Sq) + kw.get("q_offset", 0))
+        kp = kw.get("k_pos", torch.arange(Sk) + kw.get("k_offset", 0))
+        s = s.masked_fill(kp[None, :] > qp[:, None], -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse)[..., None], 0.0))
+    return p @ vv, lse
+
+
+SEMANTIC_CASES = ["plain", "causal_offsets", "pos_maps", "bool_mask", "float_mask"]
+
+
+def _check_semantics(device: str, name: str, dtype: torch.dtype) -> None:
+    """attn_fwd's (out, lse) and attn_bwd's gradients of <dout, out> + <dlse, lse> against
+    the float64 reference; the same formulas evaluated by torch in `dtype` set the error
+    scale."""
+    (q, k, v), kw = _fwd_case(device, name, dtype)
+    out, lse = ops.attn_fwd(q, k, v, **kw)
+    g = _gen(3)
+    dout = randn(out.shape, dtype, g, device)
+    dlse = randn(lse.shape, F32, g, device)
+    dq, dk, dv = ops.attn_bwd(dout, q, k, v, out, lse, dlse, **kw)
+    ref_kw = {key: (val.cpu() if isinstance(val, Tensor) else val) for key, val in kw.items()}
+
+    def run(cast: torch.dtype) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        leaves = [t.detach().cpu().to(cast).requires_grad_() for t in (q, k, v)]
+        o, l = _reference_out_lse(*leaves, ref_kw)
+        fin = torch.isfinite(l)
+        loss = (o * dout.cpu().to(cast)).sum() + (l[fin] * dlse.cpu().to(l.dtype)[fin]).sum()
+        return o, l, torch.autograd.grad(loss, leaves)
+
+    ref_out, ref_lse, refs = run(F64)
+    t_out, t_lse, theirs = run(dtype)
+    assert out.dtype == dtype and lse.dtype == F32
+    assert_close_to_ref(out.cpu(), t_out, ref_out, what="out")
+    assert_close_to_ref(lse.cpu(), t_lse.float(), ref_lse, what="lse", atol_floor=1e-6)
+    for nm, a, b, r in zip(("dq", "dk", "dv"), (dq, dk, dv), theirs, refs):
+        assert_close_to_ref(a.cpu(), b, r, factor=5.0, what=nm)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("name", SEMANTIC_CASES)
+def test_op_semantics_cpu(name: str, dtype: torch.dtype) -> None:
+    _check_semantics("cpu", name, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("name", SEMANTIC_CASES)
+def test_op_semantics_cuda(name: str, dtype: torch.dtype) -> None:
+    _check_semantics("cuda", name, dtype)
