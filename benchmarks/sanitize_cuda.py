@@ -46,7 +46,7 @@ def run_case(dtype: torch.dtype, d: int, dv: int, sq: int, sk: int, hq: int = 2,
     args = (attn_mask, q_pos, k_pos, 0, 0, causal, scale, dropout_p, seed)
     out, lse = ops.attn_fwd(q, k, v, *args, fp32_out)
     dout = torch.randn(out.shape, device="cuda", dtype=dtype, generator=g)
-    dl = torch.randn(lse.shape, device="cuda", generator=g) if dlse else None
+    dl = torch.randn(lse.shape, device="cuda", dtype=lse.dtype, generator=g) if dlse else None
     ops.attn_bwd(dout, q, k, v, out, lse, dl, *args, fp32_out)
     torch.cuda.synchronize()
 

@@ -65,8 +65,16 @@ at::Tensor prepare_pos(const std::optional<at::Tensor>& pos, int64_t len, const 
   return p.to(q.device(), at::kLong).contiguous();
 }
 
+// The accumulation dtype of the kernels: float64 for float64 inputs, float32 otherwise.
+// lse, delta and a floating mask are stored in it (attn_params.h).
+at::ScalarType acc_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // The mask stays a broadcast view: at most its own elements are converted (bool stays
-// one byte, floating becomes float32), then expanded with stride 0.
+// one byte, floating becomes the accumulation dtype), then expanded with stride 0.
+// A float32 mask with float64 inputs is widened exactly, so the float64 kernels add the
+// same values a float64 reference does.
 at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q,
                         int64_t Hq, int64_t Sk, AttnMaskParams& mp) {
   mp.kind = MaskKind::kNone;
@@ -89,7 +97,7 @@ at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, const at::Tensor&
     mp.kind = MaskKind::kBool;
   } else {
     mp.kind = MaskKind::kFloat;
-    m = m.to(at::kFloat);
+    m = m.to(acc_dtype(q));
   }
   m = m.expand(full);
   for (int i = 0; i < 4; ++i) mp.stride[i] = full[i] == 1 ? 0 : m.stride(i);
@@ -109,7 +117,7 @@ void fill_common(const FwdArgs& a, PreparedFwd& r, AttnMaskParams& mp, DropoutPa
   mp.q_offset = a.q_offset;
   mp.k_offset = a.k_offset;
   mp.causal = a.is_causal;
-  dp.p = static_cast<float>(a.dropout_p);
+  dp.p = a.dropout_p;
   dp.threshold = dropout_threshold(a.dropout_p);
   dp.seed = 0;
   if (a.dropout_p > 0.0) {
@@ -135,7 +143,7 @@ PreparedFwd prepare_fwd(const FwdArgs& a, bool out_fp32, c10::DeviceType device)
   const auto& s = p.shape;
   const auto out_dtype = out_fp32 ? at::kFloat : a.q.scalar_type();
   r.out = at::empty({s.B, s.Hq, s.Sq, s.Dv}, a.q.options().dtype(out_dtype));
-  r.lse = at::empty({s.B, s.Hq, s.Sq}, a.q.options().dtype(at::kFloat));
+  r.lse = at::empty({s.B, s.Hq, s.Sq}, a.q.options().dtype(acc_dtype(a.q)));
   p.q = r.q.data_ptr();
   p.k = r.k.data_ptr();
   p.v = r.v.data_ptr();
@@ -143,7 +151,7 @@ PreparedFwd prepare_fwd(const FwdArgs& a, bool out_fp32, c10::DeviceType device)
   strides4(r.k, p.k_stride);
   strides4(r.v, p.v_stride);
   p.out = r.out.data_ptr();
-  p.lse = r.lse.data_ptr<float>();
+  p.lse = r.lse.data_ptr();
   p.scale = a.scale;
   return r;
 }
@@ -171,9 +179,9 @@ PreparedBwd prepare_bwd(const at::Tensor& dout, const at::Tensor& out, const at:
   r.q = tmp.q; r.k = tmp.k; r.v = tmp.v;
   r.mask = tmp.mask; r.q_pos = tmp.q_pos; r.k_pos = tmp.k_pos;
   r.dout = unit_last(dout.to(a.q.scalar_type()));
-  r.lse = lse.to(at::kFloat).contiguous();
-  // delta_i = sum_d dout_id * out_id - dlse_i, in float32 (float64 for float64 inputs).
-  const auto acc = a.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // lse and delta_i = sum_d dout_id * out_id - dlse_i in the accumulation dtype.
+  const auto acc = acc_dtype(a.q);
+  r.lse = lse.to(acc).contiguous();
   at::Tensor delta = (dout.to(acc) * out.to(acc)).sum(-1);
   if (dlse.has_value() && dlse->defined()) delta = delta - dlse->to(acc);
   r.delta = delta.contiguous();
@@ -186,7 +194,7 @@ PreparedBwd prepare_bwd(const at::Tensor& dout, const at::Tensor& out, const at:
   strides4(r.k, p.k_stride);
   strides4(r.v, p.v_stride);
   strides4(r.dout, p.dout_stride);
-  p.lse = r.lse.data_ptr<float>();
+  p.lse = r.lse.data_ptr();
   p.delta = r.delta.data_ptr();
   p.dq = r.dq.data_ptr(); p.dk = r.dk.data_ptr(); p.dv = r.dv.data_ptr();
   p.scale = a.scale;

@@ -19,13 +19,16 @@ TORCH_LIBRARY(ring_attn, m) {
   //   is_causal keeps key j for query i iff kpos(j) <= qpos(i).
   //   seed: int64 scalar tensor, required when dropout_p > 0.
   //   Returns out [B, Hq, Sq, Dv] (q's dtype, or float32 if out_fp32) and lse [B, Hq, Sq]
-  //   float32; rows with no key left have out = 0 and lse = -inf.
+  //   in the accumulation dtype: float64 for float64 q, float32 for every other dtype
+  //   (so float64 is float64-accurate end to end); rows with no key left have out = 0
+  //   and lse = -inf. A floating attn_mask is read in the accumulation dtype as well.
   m.def(
       "attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, Tensor? q_pos=None, "
       "Tensor? k_pos=None, int q_offset=0, int k_offset=0, bool is_causal=False, "
       "float scale=1.0, float dropout_p=0.0, Tensor? seed=None, bool out_fp32=False) "
       "-> (Tensor out, Tensor lse)");
   // Gradients of attn_fwd given the (possibly ring-global) out and lse it should use.
+  //   lse is converted to the accumulation dtype (float64 for float64 q, else float32).
   //   dlse (optional) is the gradient flowing into lse; it folds into delta:
   //   delta = rowsum(dout * out) - dlse, dS = P * (dP - delta).
   //   Returns dq, dk, dv shaped like q, k, v (dk/dv summed over each KV group's query

@@ -4,7 +4,8 @@ The real ring (ring.py) and the in-process simulated ring (simulated.py) both dr
 two functions, so they share every per-step decision: which rows to narrow to (from the
 schedule), the global positions given to the kernel (they key the causal mask and the
 dropout RNG, so a sharded run masks and drops exactly what one device would), the slice
-of the attention mask, and the fp32 merge.
+of the attention mask, and the merge in the accumulation dtype (float32; float64 for
+float64 inputs, whose kernels return a float64 lse).
 """
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ key yet has lse = -inf (and out = 0); when both are -inf, m is replaced by 0 so 
 weights are exp(-inf) = 0 instead of exp(nan), and the row stays out = 0, lse = -inf.
 
 The accumulators are float32 (float64 for float64 inputs) whatever the input dtype, so a
-bf16 ring rounds its output once, at the end, not once per step.
+bf16 ring rounds its output once, at the end, not once per step. The kernels return lse
+in that same accumulation dtype (the attn_fwd contract), so a float64 ring's merge weights
+exp(lse - m) carry no float32 rounding.
 """
 from __future__ import annotations
 
@@ -48,6 +50,6 @@ def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[T
     """Out-of-place merge in the accumulation dtype of out_a."""
     dt = acc_dtype(out_a.dtype)
     acc_out = out_a.to(dt, copy=True)
-    acc_lse = lse_a.to(torch.float64 if dt == torch.float64 else torch.float32, copy=True)
+    acc_lse = lse_a.to(dt, copy=True)
     merge_(acc_out, acc_lse, out_b, lse_b)
     return acc_out, acc_lse

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.ring_attn)
+from .merge import acc_dtype
 
 Tensor = torch.Tensor
 
@@ -42,7 +43,8 @@ def _attn_fwd_fake(q, k, v, attn_mask=None, q_pos=None, k_pos=None, q_offset=0, 
     B, Hq, Sq, _ = q.shape
     out_dtype = torch.float32 if out_fp32 else q.dtype
     out = q.new_empty((B, Hq, Sq, v.shape[-1]), dtype=out_dtype)
-    lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    # lse in the accumulation dtype: float64 for float64 q, float32 for every other dtype.
+    lse = q.new_empty((B, Hq, Sq), dtype=acc_dtype(q.dtype))
     return out, lse
 
 

@@ -6,15 +6,15 @@ Forward, on every rank r of P, with its query shard Q_r and K/V shard (K_r, V_r)
     for t in 0 .. P-1:                       # is never expanded on the wire)
         if t < P-1: post send kv -> r+1, recv next <- r-1     (non-blocking)
         partial = kernel(Q_r, block of kv per the schedule)   (overlaps the transfer)
-        merge partial into (out, lse) in float32
+        merge partial into (out, lse) in the accumulation dtype (float32; float64 for float64)
         if t < P-1: wait; kv, next = next, kv                  (double buffer)
     return out cast to the input dtype, once
 
 Backward (one autograd.Function; the global out and lse saved by forward make every
 block's probabilities final, so blocks are independent):
 
-    dq = 0 (float32, stays home); K/V travel the ring again, prefetched as in forward;
-    the float32 dK/dV accumulator of the K/V shard held at step t travels with it, one
+    dq = 0 (accumulation dtype, stays home); K/V travel the ring again, prefetched as in
+    forward; the dK/dV accumulator of the K/V shard held at step t travels with it, one
     step behind: it is received from r-1 while step t computes its partial, the partial
     is added, and it is sent on to r+1. After P steps each accumulator has visited every
     rank and one last hop brings it home to its owner.
@@ -106,7 +106,7 @@ class _RingAttention(torch.autograd.Function):
                 spec: RingSpec, comm: Optional[RingComm]) -> Tensor:
         acc_out, lse = ring_forward(spec, comm, q, k, v, mask)
         out = acc_out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse.float(), mask)
+        ctx.save_for_backward(q, k, v, out, lse, mask)  # lse in the accumulation dtype
         ctx.spec, ctx.comm = spec, comm
         return out
 

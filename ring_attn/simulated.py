@@ -3,7 +3,7 @@
 `simulated_ring_attention` shards full tensors with the real layout, then, step by step,
 lets each virtual rank r compute the block the real schedule gives it against the K/V
 shard it would hold (that of rank (r - t) mod P), through the same `forward_block` /
-`backward_block` and fp32 merge as ring.py; only the transfers are replaced by indexing.
+`backward_block` and merge as ring.py; only the transfers are replaced by indexing.
 The dK/dV partials of each shard are added in the order the real ring adds them (owner
 first, then each next rank), so the numerics match the real ring's.
 
@@ -52,7 +52,7 @@ class _SimulatedRing(torch.autograd.Function):
                 accs[r] = forward_block(specs[r], blk, qs[r], ks[blk.source], vs[blk.source],
                                         masks[r], accs[r])
         outs = [acc[0].to(q.dtype) for acc in accs]
-        lses = [acc[1].float() for acc in accs]
+        lses = [acc[1] for acc in accs]  # the accumulation dtype, as ring.py saves it
         ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
         ctx.masks, ctx.specs = masks, specs
         return unshard_tensors(outs, layout)

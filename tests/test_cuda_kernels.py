@@ -31,12 +31,16 @@ Tensor = torch.Tensor
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 FWD_FACTOR = 4.0   # multiples of torch's own error, as in test_sdpa_conformance.py
 BWD_FACTOR = 5.0
-F64_LSE_FLOOR = 1e-6    # float32 rounding of lse, times max(1, |lse|)
+# float64 floor for lse and gradients (times max(1, max|ref|)): the float64 "torch" run
+# is the reference itself (error 0), and lse is float64 for float64 inputs, so only the
+# GPU's own float64 rounding (fma, summation order over up to ~1300 keys) remains; 1e-10
+# leaves room for it while a float32 rounding anywhere (~1e-7) would fail.
+F64_FLOOR = 1e-10
 # Gradient floors (times max(1, max|ref|)) where torch's own error can be exactly 0 while
-# ours is not: float64 grads go through the float32 lse (as in test_sdpa_conformance.py);
-# float32 dS = P (dP - delta) cancels to exactly 0 in torch's autograd for a single key but
-# keeps ~10 ulp of rounding when delta comes from rowsum(dout * out) as in FlashAttention.
-GRAD_FLOOR = {F64: 1e-5, F32: 1e-5}
+# ours is not: float64 as above; float32 dS = P (dP - delta) cancels to exactly 0 in
+# torch's autograd for a single key but keeps ~10 ulp of rounding when delta comes from
+# rowsum(dout * out) as in FlashAttention.
+GRAD_FLOOR = {F64: F64_FLOOR, F32: 1e-5}
 
 pytestmark = pytest.mark.cuda
 
@@ -103,7 +107,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, *, backward: bool = True, dlse: bool
     out, lse = ops.attn_fwd(q, k, v, args["attn_mask"], args["q_pos"], args["k_pos"],
                             args["q_offset"], args["k_offset"], args["is_causal"],
                             args["scale"], dropout_p, seed_t, out_fp32)
-    assert out.dtype == (F32 if out_fp32 else q.dtype) and lse.dtype == F32
+    # lse in the accumulation dtype: float64 for float64 inputs, float32 otherwise.
+    assert out.dtype == (F32 if out_fp32 else q.dtype)
+    assert lse.dtype == (F64 if q.dtype == F64 else F32)
     assert out.device == q.device and lse.device == q.device
 
     def leaves(dtype: Optional[torch.dtype]) -> list[Tensor]:
@@ -112,17 +118,16 @@ def _check(q: Tensor, k: Tensor, v: Tensor, *, backward: bool = True, dlse: bool
     ref_in, low_in = leaves(F64), leaves(None)
     ref_kw = {key: args[key] for key in ("attn_mask", "q_pos", "k_pos", "q_offset",
                                          "k_offset", "is_causal", "scale")}
-    # The kernels take p as float32 (DropoutParams.p): rescale by 1/(1 - float32(p)).
-    p32 = float(torch.tensor(dropout_p, dtype=F32))
-    ref_out, ref_lse = reference(*ref_in, keep=keep, dropout_p=p32, **ref_kw)
-    low_out, low_lse = reference(*low_in, keep=keep, dropout_p=p32, dtype=q.dtype, **ref_kw)
+    # DropoutParams.p is a double: the float64 SIMT kernel rescales by the exact 1/(1-p);
+    # the float32 / tensor-core kernels compute it in float from float32(p).
+    p_k = dropout_p if q.dtype == F64 else float(torch.tensor(dropout_p, dtype=F32))
+    ref_out, ref_lse = reference(*ref_in, keep=keep, dropout_p=p_k, **ref_kw)
+    low_out, low_lse = reference(*low_in, keep=keep, dropout_p=p_k, dtype=q.dtype, **ref_kw)
     f = FWD_FACTOR * max(factor, 1.0)
-    # lse is float32 by contract, so float64 inputs get float32-grade bounds on lse and on
-    # the gradients (recomputed from it); the output itself stays float64-exact.
     f64 = q.dtype == F64
     assert_close_to_ref(out, low_out, ref_out, factor=f, what="out")
     assert_close_to_ref(lse, low_lse, ref_lse, factor=f, what="lse",
-                        atol_floor=F64_LSE_FLOOR if f64 else None)
+                        atol_floor=F64_FLOOR if f64 else None)
     # -inf lse exactly where the reference row has no key, out 0 there.
     assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(ref_lse).cpu()), "lse -inf rows"
     assert bool((out[torch.isneginf(lse)] == 0).all()), "rows with no key must give 0"
@@ -130,7 +135,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, *, backward: bool = True, dlse: bool
         return out, lse
     g = _gen(seed + 101)
     dout = randn(ref_out.shape, q.dtype, g, str(q.device))
-    dl = randn(ref_lse.shape, F32, g, str(q.device)) if dlse else None
+    dl = randn(ref_lse.shape, lse.dtype, g, str(q.device)) if dlse else None
     dq, dk, dv = ops.attn_bwd(dout, q, k, v, out, lse, dl, args["attn_mask"], args["q_pos"],
                               args["k_pos"], args["q_offset"], args["k_offset"],
                               args["is_causal"], args["scale"], dropout_p, seed_t, grad_fp32)
@@ -313,7 +318,9 @@ def test_dropout_matches_cpu(dtype: torch.dtype) -> None:
     out_c, lse_c = ops.attn_fwd(qc, kc, vc, *args, False)
     tol = {F32: 1e-5, F64: 1e-10, BF16: 2e-2}[dtype]
     torch.testing.assert_close(out.cpu().double(), out_c, atol=tol, rtol=tol)
-    torch.testing.assert_close(lse.cpu().double(), lse_c.double(), atol=1e-4, rtol=1e-5)
+    # lse: float64 on both sides for float64 inputs; else CUDA's float32 lse.
+    lse_atol, lse_rtol = (tol, tol) if dtype == F64 else (1e-4, 1e-5)
+    torch.testing.assert_close(lse.cpu().double(), lse_c, atol=lse_atol, rtol=lse_rtol)
     dout = randn(out.shape, dtype, _gen(3), "cuda")
     grads = ops.attn_bwd(dout, q, k, v, out, lse, None, *args, False)
     grads_c = ops.attn_bwd(dout.cpu().double(), qc, kc, vc, out_c, lse_c, None, *args, False)
@@ -337,14 +344,15 @@ def test_views(dtype: torch.dtype) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# float64 (SIMT path) is exact to float64 rounding except through the float32 lse.
+# float64 (SIMT path) is exact to float64 rounding, lse included (float64 by contract).
 def test_float64_forward_tight() -> None:
     q, k, v = _qkv(F64, 2, 4, 2, 70, 90, 48, seed=31)
     ops = torch.ops.ring_attn
     out, lse = ops.attn_fwd(q, k, v, None, None, None, 0, 0, True, 0.2, 0.0, None, False)
     ref, ref_lse = reference(q, k, v, is_causal=True, scale=0.2)
+    assert lse.dtype == F64
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-12)
 
 
 def test_rejects_head_dim_over_256() -> None:

@@ -20,11 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Dropout mask should only be used
 
 Tensor = torch.Tensor
 sdpa = ring_attn.scaled_dot_product_attention
-# Known limitation, reported as an expected failure while it lasts: DropoutParams.p is a
-# float, so float64 kernels rescale kept probabilities by 1/(1 - float32(p)), off by
-# ~1e-8 relative (p = 0.35 -> 0.34999999404).
-F64_DROPOUT_SCALE = ("float64 dropout rescale 1/(1-p) uses p rounded to float32 "
-                     "(DropoutParams.p is float)")
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -111,7 +106,9 @@ def test_unbiased_cuda(p: float, is_causal: bool) -> None:
 def _check_drop_rate(device: str, p: float, dtype: torch.dtype) -> None:
     """q = 0 makes attention uniform (P = 1/S) and v = I exposes each element:
     out[..., i, j] = keep_ij / ((1 - p) S). Values must be exactly 0 or the scaled
-    1/((1-p) S), and the dropped fraction ~ p within 6 binomial standard deviations."""
+    1/((1-p) S) (with the exact p: float64 must not see p rounded to float32, which is off
+    by up to 2^-24 relative), and the dropped fraction ~ p within 6 binomial standard
+    deviations."""
     B, H, L, S = 4, 3, 40, 48
     q = torch.zeros((B, H, L, 8), dtype=dtype, device=device)
     k = randn((B, H, S, 8), dtype, _gen(1), device)
@@ -121,20 +118,12 @@ def _check_drop_rate(device: str, p: float, dtype: torch.dtype) -> None:
     kept_value = 1.0 / ((1 - p) * S)
     kept = out > 0.5 * kept_value
     tol = {torch.float32: 1e-6, torch.float64: 1e-12}.get(dtype, 1e-2) * kept_value
-    scaled_ok = bool(((out - kept_value).abs() <= tol)[kept].all())
-    if not scaled_ok and dtype == torch.float64:
-        # The rescale must still be 1/(1-p) up to p's float32 rounding (2^-24 relative,
-        # amplified by p / (1-p)); reported as a known limitation below.
-        loose = 2 * 2.0 ** -24 * max(1.0, p / (1 - p)) * kept_value
-        assert bool(((out - kept_value).abs() <= loose)[kept].all())
-    else:
-        assert scaled_ok, "kept values must be scaled by exactly 1/(1-p)"
+    err = float((out - kept_value).abs()[kept].max())
+    assert err <= tol, f"kept values must be scaled by exactly 1/(1-p): off by {err:.2e}"
     assert bool((out[~kept] == 0).all()), "dropped values must be exactly 0"
     n = out.numel()
     frac = 1.0 - float(kept.double().mean())
     assert abs(frac - p) <= 6 * math.sqrt(p * (1 - p) / n), f"dropped {frac:.4f}, p = {p}"
-    if not scaled_ok:
-        pytest.xfail(F64_DROPOUT_SCALE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -177,21 +166,10 @@ def _check_exact_mask(device: str, dtype: torch.dtype, hq: int, hk: int,
 
     ref, refs = math_sdpa(torch.float64)
     theirs, theirs_grads = math_sdpa(dtype)
-    known = None
-    try:
-        assert_close_to_ref(out, theirs, ref, what="dropout out")
-    except AssertionError:
-        if dtype != torch.float64:
-            raise
-        assert_close_to_ref(out, None, ref, atol_floor=1e-7, what="dropout out (loose)")
-        known = F64_DROPOUT_SCALE
-    # float64 grads: float32-grade while lse is float32 in the contract (see
-    # test_sdpa_conformance.F64_AT_F32_GRADE).
-    floor = 4e-6 if dtype == torch.float64 else None
+    # float64 included: p, lse and 1/(1-p) are float64 in the contract for float64 inputs.
+    assert_close_to_ref(out, theirs, ref, what="dropout out")
     for name, a, b, r in zip(("dq", "dk", "dv"), grads, theirs_grads, refs):
-        assert_close_to_ref(a, b, r, factor=5.0, atol_floor=floor, what=f"dropout {name}")
-    if known:
-        pytest.xfail(known)
+        assert_close_to_ref(a, b, r, factor=5.0, what=f"dropout {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)

@@ -17,6 +17,12 @@ Tensor = torch.Tensor
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The contract's accumulation dtype (lse, float masks): float64 for float64, else
+    float32."""
+    return F64 if dtype == F64 else F32
+
+
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -66,7 +72,8 @@ def _check_opcheck_bwd(device: str, name: str, dtype: torch.dtype) -> None:
     out, lse = ops.attn_fwd(q, k, v, **kw)
     g = _gen(2)
     dout = randn(out.shape, dtype, g, device)
-    dlse = randn(lse.shape, F32, g, device)
+    assert lse.dtype == _acc(dtype)
+    dlse = randn(lse.shape, lse.dtype, g, device)
     bkw = {key: val for key, val in kw.items() if key != "out_fp32"}
     for grad_fp32 in (False, True):
         torch.library.opcheck(torch.ops.ring_attn.attn_bwd.default,
@@ -87,14 +94,14 @@ def test_opcheck_attn_fwd_cuda(name: str, dtype: torch.dtype) -> None:
     _check_opcheck_fwd("cuda", name, dtype)
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=str)
 @pytest.mark.parametrize("name", FWD_CASES)
 def test_opcheck_attn_bwd_cpu(name: str, dtype: torch.dtype) -> None:
     _check_opcheck_bwd("cpu", name, dtype)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=str)
 @pytest.mark.parametrize("name", FWD_CASES)
 def test_opcheck_attn_bwd_cuda(name: str, dtype: torch.dtype) -> None:
     _check_opcheck_bwd("cuda", name, dtype)
@@ -133,7 +140,7 @@ def _check_semantics(device: str, name: str, dtype: torch.dtype) -> None:
     out, lse = ops.attn_fwd(q, k, v, **kw)
     g = _gen(3)
     dout = randn(out.shape, dtype, g, device)
-    dlse = randn(lse.shape, F32, g, device)
+    dlse = randn(lse.shape, _acc(dtype), g, device)
     dq, dk, dv = ops.attn_bwd(dout, q, k, v, out, lse, dlse, **kw)
     ref_kw = {key: (val.cpu() if isinstance(val, Tensor) else val) for key, val in kw.items()}
 
@@ -146,21 +153,23 @@ def _check_semantics(device: str, name: str, dtype: torch.dtype) -> None:
 
     ref_out, ref_lse, refs = run(F64)
     t_out, t_lse, theirs = run(dtype)
-    assert out.dtype == dtype and lse.dtype == F32
+    assert out.dtype == dtype and lse.dtype == _acc(dtype)
     assert_close_to_ref(out.cpu(), t_out, ref_out, what="out")
-    assert_close_to_ref(lse.cpu(), t_lse.float(), ref_lse, what="lse", atol_floor=1e-6)
+    # float64: lse is float64 (helpers' 1e-12 floor); else float32 (a float32 floor).
+    assert_close_to_ref(lse.cpu(), t_lse.to(lse.dtype), ref_lse, what="lse",
+                        atol_floor=None if dtype == F64 else 1e-6)
     for nm, a, b, r in zip(("dq", "dk", "dv"), (dq, dk, dv), theirs, refs):
         assert_close_to_ref(a.cpu(), b, r, factor=5.0, what=nm)
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=str)
 @pytest.mark.parametrize("name", SEMANTIC_CASES)
 def test_op_semantics_cpu(name: str, dtype: torch.dtype) -> None:
     _check_semantics("cpu", name, dtype)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=str)
 @pytest.mark.parametrize("name", SEMANTIC_CASES)
 def test_op_semantics_cuda(name: str, dtype: torch.dtype) -> None:
     _check_semantics("cuda", name, dtype)

@@ -26,15 +26,10 @@ Tensor = torch.Tensor
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 ALL_DTYPES = [F64, F32, BF16, F16]
 # Multiples of torch's own error allowed: outputs, and gradients (which compound the
-# rounding of P, dP and dS).
+# rounding of P, dP and dS). float64 is held to the same rule (lse and float masks are
+# float64 in the op contract for float64 inputs), with helpers' 1e-12 relative floor.
 FWD_FACTOR = 4.0
 BWD_FACTOR = 5.0
-# Known limitation of the op contract, reported as expected failures while it lasts:
-# lse is float32 (so the float64 backward recomputes P = exp(S - lse) to float32 accuracy)
-# and float masks are read as float32. Float64 results must then still meet a
-# float32-grade bound: measured errors reach 8e-7 x max|ref| (grads), 4e-6 leaves 5x.
-F64_LIMITATION = ("lse and float masks are float32 in the attn_fwd/attn_bwd contract")
-F64_AT_F32_GRADE = 4e-6
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -64,8 +59,7 @@ def _check_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[T
         with sdpa_kernel(SDPBackend.MATH):
             theirs = F.scaled_dot_product_attention(*torch_in, **kw)
     assert ours.dtype == query.dtype and ours.device == query.device
-    known: list[str] = []
-    _close(ours, theirs, ref, FWD_FACTOR, "output", known)
+    assert_close_to_ref(ours, theirs, ref, factor=FWD_FACTOR, what="output")
     if backward:
         dout = randn(ref.shape, query.dtype, _gen(seed + 1), device=str(query.device))
         g_ours = torch.autograd.grad(ours, ours_in, dout)
@@ -73,23 +67,7 @@ def _check_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[T
         g_ref = torch.autograd.grad(ref, ref_in, dout.to(torch.float64))
         for name, a, b, r in zip(("query", "key", "value"), g_ours, g_theirs, g_ref):
             assert a.dtype == query.dtype, f"grad {name} dtype {a.dtype}"
-            _close(a, b, r, BWD_FACTOR, f"grad {name}", known)
-    if known:
-        pytest.xfail(f"float64 only float32-accurate in {', '.join(known)}: {F64_LIMITATION}")
-
-
-def _close(ours: Tensor, theirs: Tensor, ref: Tensor, factor: float, what: str,
-           known: list[str]) -> None:
-    """assert_close_to_ref; for float64, a miss is tolerated (and recorded in `known`) if
-    the result still meets a float32-grade bound: see F64_LIMITATION."""
-    try:
-        assert_close_to_ref(ours, theirs, ref, factor=factor, what=what)
-    except AssertionError:
-        if ours.dtype != torch.float64:
-            raise
-        assert_close_to_ref(ours, None, ref, atol_floor=F64_AT_F32_GRADE,
-                            what=f"{what} (float32-grade bound)")
-        known.append(what)
+            assert_close_to_ref(a, b, r, factor=BWD_FACTOR, what=f"grad {name}")
 
 
 def _qkv(device: str, dtype: torch.dtype, q_shape: tuple[int, ...],

@@ -8,8 +8,12 @@
 //    Causal keeps key j for query i iff kpos(j) <= qpos(i). Positions need not be
 //    contiguous (zigzag and striped layouts pass maps).
 //  * mask (optional) is read at mask + b*ms[0] + h*ms[1] + i*ms[2] + j*ms[3] (broadcast
-//    dims have stride 0): bool -> false masks the element out; float32 -> added to the
-//    scaled score.
+//    dims have stride 0): bool -> false masks the element out; float (stored in the
+//    accumulation type) -> added to the scaled score.
+//  * The accumulation type is float for float32 / bfloat16 / float16 inputs and double
+//    for float64 inputs. lse, delta and a float mask are stored in it, so float64 inputs
+//    are float64-accurate end to end (P = exp(S - lse) in the backward and the ring's
+//    merge weights exp(lse_a - lse_b) carry no float32 rounding).
 //  * A row with no surviving key gets out = 0 and lse = -inf (never NaN).
 //  * Dropout keeps an element iff dropout_keep(seed, b, h, qpos, kpos, threshold) and
 //    scales kept probabilities by 1/(1-p); lse is that of the un-dropped softmax.
@@ -25,7 +29,7 @@ struct AttnShape {
 };
 
 struct AttnMaskParams {
-  MaskKind kind;        // kNone, kBool (uint8 storage) or kFloat (float32)
+  MaskKind kind;        // kNone, kBool (uint8 storage) or kFloat (accumulation type)
   const void* ptr;
   int64_t stride[4];    // b, h, i, j element strides; 0 on broadcast dims
   const int64_t* q_pos; // nullptr -> q_offset + i
@@ -35,7 +39,7 @@ struct AttnMaskParams {
 };
 
 struct DropoutParams {
-  float p;              // 0 disables dropout
+  double p;             // 0 disables dropout; double so 1/(1-p) is exact for float64
   uint32_t threshold;   // dropout_threshold(p)
   uint64_t seed;
 };
@@ -45,7 +49,7 @@ struct AttnFwdParams {
   const void* q; const void* k; const void* v;
   int64_t q_stride[4], k_stride[4], v_stride[4];  // b, h, s, d element strides (d == 1)
   void* out;                                      // [B, Hq, Sq, Dv] contiguous
-  float* lse;                                     // [B, Hq, Sq] contiguous
+  void* lse;                                      // [B, Hq, Sq] contiguous, acc type
   double scale;
   AttnMaskParams mask;
   DropoutParams dropout;
@@ -55,7 +59,8 @@ struct AttnBwdParams {
   AttnShape shape;
   const void* q; const void* k; const void* v; const void* dout;
   int64_t q_stride[4], k_stride[4], v_stride[4], dout_stride[4];
-  const float* lse;     // [B, Hq, Sq] contiguous, the global lse
+  const void* lse;      // [B, Hq, Sq] contiguous, the global lse, in the accumulation
+                        // type (float32; float64 for float64 inputs)
   const void* delta;    // [B, Hq, Sq] contiguous: rowsum(dout * out) - dlse, in the
                         // accumulation type (float32; float64 for float64 inputs)
   void* dq; void* dk; void* dv;                   // contiguous, shaped like q, k, v

@@ -5,7 +5,8 @@
 // A work item is (batch, KV head, key chunk): it owns dK and dV of its chunk's keys and
 // loops over every query head of the KV group (GQA: dK/dV summed over the group in the
 // item's float32 accumulators) and every query block. Per (query block, key block) tile:
-//   S  = scale * Q K^T (+ mask), P = exp(S - lse)      (P = 0 where lse = -inf)
+//   S  = scale * Q K^T (+ mask), P = exp(S - lse)      (P = 0 where lse = -inf; lse and
+//                                                       mask in the accumulation type)
 //   dP = dO V^T, then both P and dP are multiplied by keep / (1 - p) under dropout
 //   dV += P_dropped^T dO
 //   dS = P * (dP - delta)                              (delta = rowsum(dO * O) - dlse)
@@ -105,7 +106,8 @@ void bwd_impl(const AttnBwdParams& p) {
   const scalar_t* dout = static_cast<const scalar_t*>(p.dout);
   const acc* delta = static_cast<const acc*>(p.delta);
   const acc scale = static_cast<acc>(p.scale);
-  const bool has_dropout = p.dropout.p > 0.f;
+  const bool has_dropout = p.dropout.p > 0.0;
+  const acc* lse = static_cast<const acc*>(p.lse);  // accumulation type (attn_params.h)
   const bool direct_q = direct_rows<scalar_t, acc>(p.q_stride[2], D);
   const bool direct_do = direct_rows<scalar_t, acc>(p.dout_stride[2], Dv);
 
@@ -141,7 +143,7 @@ void bwd_impl(const AttnBwdParams& p) {
     uint32_t* Vt2c = reinterpret_cast<uint32_t*>(Vtc);
     uint32_t* Q2 = reinterpret_cast<uint32_t*>(dQb + QB * D);
     uint32_t* dO2 = Q2 + QB * D2;
-    constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+    constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item % nchunks;
@@ -171,7 +173,7 @@ void bwd_impl(const AttnBwdParams& p) {
         const int64_t h = hk * group + g;
         const scalar_t* qh = q + b * p.q_stride[0] + h * p.q_stride[1];
         const scalar_t* doh = dout + b * p.dout_stride[0] + h * p.dout_stride[1];
-        const float* lse_h = p.lse + (b * Hq + h) * Sq;
+        const acc* lse_h = lse + (b * Hq + h) * Sq;
         const acc* delta_h = delta + (b * Hq + h) * Sq;
         for (int64_t qb = 0; qb < nqb; ++qb) {
           const int64_t i0 = qb * QB, m = std::min(QB, Sq - i0);
@@ -217,11 +219,11 @@ void bwd_impl(const AttnBwdParams& p) {
             mask_tile(P, n, m, n, p.mask, b, h, i0, j0, qp, kp, kind == TileKind::kPartial);
             for (int64_t r = 0; r < m; ++r) {
               acc* row = P + r * n;
-              const float l = lse_h[i0 + r];
-              if (l == kNegInfF) {
+              const acc l = lse_h[i0 + r];
+              if (l == kNegInf) {
                 std::fill(row, row + n, acc(0));
               } else {
-                exp_row_sum(row, n, static_cast<acc>(l));
+                exp_row_sum(row, n, l);
               }
             }
             // dP = dO V^T

@@ -10,9 +10,10 @@
 // decided from the min/max position of each block, so zigzag and striped position maps
 // skip as much as contiguous ones do.
 //
-// Accumulation is float32 (float64 for float64 inputs). K^T (and V, when it is not float32
-// rows already) is packed once per call in the accumulation type, so both products run in
-// gemm_bcast (gemm.h): our AVX-512 or AVX2 micro-kernel (float), the BLAS (double).
+// Accumulation is float32 (float64 for float64 inputs), and so are lse and a float mask
+// (attn_params.h): float64 stays float64-accurate end to end. K^T (and V, when it is not
+// float32 rows already) is packed once per call in the accumulation type, so both products
+// run in gemm_bcast (gemm.h): our AVX-512 or AVX2 micro-kernel (float), the BLAS (double).
 // bfloat16 on CPUs with AVX512-BF16 packs K^T and V as bf16 pairs instead and runs both
 // products on vdpbf16ps (gemm_bf16_avx512.cpp), P rounded to bf16 for P V as torch's own
 // reduced-precision kernels do. Measured on the 2-core EPYC, S=4096, D=128, one thread,
@@ -73,9 +74,9 @@ void fwd_impl(const AttnFwdParams& p) {
   const scalar_t* k = static_cast<const scalar_t*>(p.k);
   const scalar_t* v = static_cast<const scalar_t*>(p.v);
   out_t* out = static_cast<out_t*>(p.out);
-  float* lse = p.lse;
+  acc* lse = static_cast<acc*>(p.lse);  // lse in the accumulation type (attn_params.h)
   const acc scale = static_cast<acc>(p.scale);
-  const bool has_dropout = p.dropout.p > 0.f;
+  const bool has_dropout = p.dropout.p > 0.0;
   const bool direct_q = direct_rows<scalar_t, acc>(p.q_stride[2], D);
   const bool direct_v = direct_rows<scalar_t, acc>(p.v_stride[2], Dv);
 
@@ -216,13 +217,12 @@ void fwd_impl(const AttnFwdParams& p) {
       }
 
       out_t* oh = out + ((b * Hq + h) * Sq + i0) * Dv;
-      float* lh = lse + (b * Hq + h) * Sq + i0;
+      acc* lh = lse + (b * Hq + h) * Sq + i0;
       for (int64_t r = 0; r < m; ++r) {
         const acc l = lrow[r];
         const acc inv = l > acc(0) ? acc(1) / l : acc(0);
         for (int64_t c = 0; c < Dv; ++c) oh[r * Dv + c] = static_cast<out_t>(O[r * Dv + c] * inv);
-        lh[r] = l > acc(0) ? static_cast<float>(mrow[r] + std::log(l))
-                           : -std::numeric_limits<float>::infinity();
+        lh[r] = l > acc(0) ? mrow[r] + std::log(l) : kNegInf;
       }
     }
   });

@@ -60,7 +60,8 @@ inline TileKind causal_tile(const BlockPositions& qp, int64_t qb, const BlockPos
 }
 
 // Applies the attention mask and the causal rule to a score tile S[m x n] (row stride ldS)
-// whose rows are queries i0.. and columns keys j0.. of (batch b, query head h).
+// whose rows are queries i0.. and columns keys j0.. of (batch b, query head h). T is the
+// accumulation type, the type a float mask is stored in.
 template <typename T>
 void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp, int64_t b,
                int64_t h, int64_t i0, int64_t j0, const int64_t* qpos, const int64_t* kpos,
@@ -76,8 +77,9 @@ void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp
         const uint8_t* mrow = static_cast<const uint8_t*>(mp.ptr) + off;
         for (int64_t c = 0; c < n; ++c) row[c] = mrow[c * sj] ? row[c] : kNegInf;
       } else {
-        const float* mrow = static_cast<const float*>(mp.ptr) + off;
-        for (int64_t c = 0; c < n; ++c) row[c] += static_cast<T>(mrow[c * sj]);
+        // A float mask is stored in the accumulation type T (attn_host.cpp converts it).
+        const T* mrow = static_cast<const T*>(mp.ptr) + off;
+        for (int64_t c = 0; c < n; ++c) row[c] += mrow[c * sj];
       }
     }
   }
@@ -93,7 +95,7 @@ void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp
 // Dropout of a probability tile P[m x n] (row stride ld for every tile here): with
 // z = keep(r, c) / (1 - p), writes P * z into Pd (or into P itself when Pd is null) and,
 // when dP is given, multiplies dP by z. Keys whose positions share kpos >> 2 share one
-// Philox call.
+// Philox call. p is a double, so the float64 kernels' 1/(1-p) is float64-exact.
 template <typename T>
 void dropout_tile(T* P, T* Pd, T* dP, int64_t ld, int64_t m, int64_t n,
                   const DropoutParams& dp, int64_t b, int64_t h, int64_t i0, int64_t j0,

@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   const int cols_valid = min(kBlockN, Sk - n0);
   const bool has_mask = mk.kind != MaskKind::kNone;
   const bool dropout = p.dropout.p > 0.f;
-  const float keep_scale = dropout ? 1.f / (1.f - p.dropout.p) : 1.f;
+  const float keep_scale = dropout ? 1.f / (1.f - static_cast<float>(p.dropout.p)) : 1.f;
   const float scale = static_cast<float>(p.scale);
   const float scale_log2 = scale * kLog2e;
 
@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
 
-  const float* lse_all = p.lse;
+  const float* lse_all = static_cast<const float*>(p.lse);  // bf16/fp16: acc type float
   const float* delta_all = static_cast<const float*>(p.delta);
   const int m_blocks = ceil_div(Sq, kBlockM);
 

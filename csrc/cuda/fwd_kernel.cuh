@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   cp_async_wait<0>();  // no copy may still target smem when the CTA exits
 
   // Epilogue: O / (l (1-p)), lse = m + log l; rows with l == 0 -> 0 and -inf.
-  const float keep_scale = dropout ? 1.f / (1.f - p.dropout.p) : 1.f;
+  const float keep_scale = dropout ? 1.f / (1.f - static_cast<float>(p.dropout.p)) : 1.f;
   const int64_t row_base = (static_cast<int64_t>(b) * sh.Hq + h) * sh.Sq;
 #pragma unroll
   for (int t = 0; t < 2; ++t) {
@@ -276,7 +276,9 @@ __global__ void __launch_bounds__(Tr::kNThreads)
       }
     }
     if (lane % 4 == 0) {
-      p.lse[row_base + i] = l > 0.f ? (m_run[t] + log2f(l)) * kLn2 : -INFINITY;
+      // bf16 / fp16 inputs: the accumulation type, hence lse, is float (attn_params.h).
+      float* lse = static_cast<float*>(p.lse);
+      lse[row_base + i] = l > 0.f ? (m_run[t] + log2f(l)) * kLn2 : -INFINITY;
     }
   }
 }

@@ -9,7 +9,8 @@
 // out_fp32 / grad_fp32 for speed.
 //
 // Layout: one warp per row, the head dim spread over the lanes (d = lane + 32 c, c < 8,
-// so D, Dv <= 256), dot products by warp shuffles.
+// so D, Dv <= 256), dot products by warp shuffles. lse, delta and a float mask are in the
+// same precision (attn_params.h), so float64 is float64-accurate end to end.
 //   forward   warp per query row: online softmax over the keys in order, masked keys
 //             skipped; O / l, lse = m + log l (0 and -inf for rows with no key).
 //   backward  dQ: warp per query row, P recomputed from lse, dS = P (dP' - delta) with
@@ -79,7 +80,7 @@ __device__ __forceinline__ void store_row(void* out, bool as_f32, int64_t off, c
 }
 
 // Whether element (i, j) survives causality and the mask; `add` receives the additive
-// mask value (natural-log units).
+// mask value (natural-log units), stored in the accumulation type A (attn_params.h).
 template <typename A>
 __device__ __forceinline__ bool simt_visible(const AttnMaskParams& m, const void* mask_bh, int i,
                                              int j, int64_t qpos, int64_t kpos, A& add) {
@@ -89,7 +90,7 @@ __device__ __forceinline__ bool simt_visible(const AttnMaskParams& m, const void
     return static_cast<const uint8_t*>(mask_bh)[i * m.stride[2] + j * m.stride[3]] != 0;
   }
   if (m.kind == MaskKind::kFloat) {
-    add = static_cast<A>(static_cast<const float*>(mask_bh)[i * m.stride[2] + j * m.stride[3]]);
+    add = static_cast<const A*>(mask_bh)[i * m.stride[2] + j * m.stride[3]];
     return add != -INFINITY;
   }
   return true;
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
            D, lane);
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) o[c] = 0;
-  const void* mask_bh = mask_slice(mk, b, h);
+  const void* mask_bh = mask_slice<A>(mk, b, h);
   const int64_t qpos = q_position(mk, i);
   const A scale = static_cast<A>(p.scale);
   A m = -INFINITY, l = 0;
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   const A keep_scale = p.dropout.p > 0.f ? A(1) / (A(1) - static_cast<A>(p.dropout.p)) : A(1);
   const A inv = l > 0 ? keep_scale / l : A(0);
   store_row<T>(p.out, out_fp32, row * Dv, o, inv, Dv, lane);
-  if (lane == 0) p.lse[row] = l > 0 ? static_cast<float>(m + simt_log(l)) : -INFINITY;
+  if (lane == 0) static_cast<A*>(p.lse)[row] = l > 0 ? m + simt_log(l) : A(-INFINITY);
 }
 
 // Shared by both backward kernels: dS and the dropped probability of element (i, j).
@@ -176,7 +177,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   const int hk = h / static_cast<int>(sh.Hq / sh.Hk);
   const int D = static_cast<int>(sh.D), Dv = static_cast<int>(sh.Dv);
   const int64_t row = (static_cast<int64_t>(b) * sh.Hq + h) * sh.Sq + i;
-  const A lse = static_cast<A>(p.lse[row]);
+  const A lse = static_cast<const A*>(p.lse)[row];
   A dq[kSimtChunks];
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) dq[c] = 0;
@@ -189,7 +190,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
     load_row(dout, static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] +
                        i * p.dout_stride[2], Dv, lane);
     const A delta = static_cast<const A*>(p.delta)[row];
-    const void* mask_bh = mask_slice(mk, b, h);
+    const void* mask_bh = mask_slice<A>(mk, b, h);
     const int64_t qpos = q_position(mk, i);
     const A scale = static_cast<A>(p.scale);
     const A keep_scale = p.dropout.p > 0.f ? A(1) / (A(1) - static_cast<A>(p.dropout.p)) : A(1);
@@ -234,12 +235,12 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   const A scale = static_cast<A>(p.scale);
   const A keep_scale = p.dropout.p > 0.f ? A(1) / (A(1) - static_cast<A>(p.dropout.p)) : A(1);
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    const void* mask_bh = mask_slice(mk, b, h);
+    const void* mask_bh = mask_slice<A>(mk, b, h);
     const int64_t row0 = (static_cast<int64_t>(b) * sh.Hq + h) * sh.Sq;
     const T* qb = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
     const T* dob = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
     for (int i = 0; i < sh.Sq; ++i) {
-      const A lse = static_cast<A>(p.lse[row0 + i]);
+      const A lse = static_cast<const A*>(p.lse)[row0 + i];
       if (lse == -INFINITY) continue;
       const int64_t qpos = q_position(mk, i);
       A add;

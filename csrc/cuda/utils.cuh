@@ -196,7 +196,8 @@ __device__ __forceinline__ void position_range(const int64_t* pos, int64_t offse
 
 // Score transform of one element given its validity: returns the additive term in log2
 // units (0 when no float mask) or -inf when the element is masked out (causal or bool
-// false). Row i < Sq and column j < Sk are the caller's responsibility.
+// false). Row i < Sq and column j < Sk are the caller's responsibility. The tensor-core
+// kernels (bf16 / fp16) accumulate in float, so their float mask is float.
 __device__ __forceinline__ float mask_term_log2(const AttnMaskParams& m, const void* mask_bh,
                                                 int i, int j, int64_t qpos, int64_t kpos) {
   if (m.causal && kpos > qpos) return -INFINITY;
@@ -210,12 +211,15 @@ __device__ __forceinline__ float mask_term_log2(const AttnMaskParams& m, const v
   return 0.f;
 }
 
+// The (b, h) slice of the mask. A float mask is stored in the accumulation type
+// (attn_params.h): MaskT is float for every kernel but the float64 SIMT one (double).
+template <typename MaskT = float>
 __device__ __forceinline__ const void* mask_slice(const AttnMaskParams& m, int b, int h) {
   if (m.kind == MaskKind::kNone) return nullptr;
   const int64_t off = b * m.stride[0] + h * m.stride[1];
   return m.kind == MaskKind::kBool
              ? static_cast<const void*>(static_cast<const uint8_t*>(m.ptr) + off)
-             : static_cast<const void*>(static_cast<const float*>(m.ptr) + off);
+             : static_cast<const void*>(static_cast<const MaskT*>(m.ptr) + off);
 }
 
 // Word (kpos & 3) of a Philox result, by selects: a dynamic index into the struct would
