@@ -105,8 +105,13 @@ at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, const at::Tensor&
   return m;
 }
 
-void fill_common(const FwdArgs& a, PreparedFwd& r, AttnMaskParams& mp, DropoutParams& dp,
-                 AttnShape& shape) {
+// What AttnFwdParams and AttnBwdParams share (same field names): shape, mask and
+// positions, dropout, scale, and the q/k/v pointers and strides.
+template <typename Params>
+void fill_common(const FwdArgs& a, PreparedInputs& r, Params& p) {
+  AttnShape& shape = p.shape;
+  AttnMaskParams& mp = p.mask;
+  DropoutParams& dp = p.dropout;
   shape = {a.q.size(0), a.q.size(1), a.k.size(1), a.q.size(2), a.k.size(2), a.q.size(3),
            a.v.size(3)};
   r.mask = prepare_mask(a.attn_mask, a.q, shape.Hq, shape.Sk, mp);
@@ -131,6 +136,13 @@ void fill_common(const FwdArgs& a, PreparedFwd& r, AttnMaskParams& mp, DropoutPa
   r.q = unit_last(a.q);
   r.k = unit_last(a.k);
   r.v = unit_last(a.v);
+  p.q = r.q.data_ptr();
+  p.k = r.k.data_ptr();
+  p.v = r.v.data_ptr();
+  strides4(r.q, p.q_stride);
+  strides4(r.k, p.k_stride);
+  strides4(r.v, p.v_stride);
+  p.scale = a.scale;
 }
 
 }  // namespace
@@ -139,20 +151,13 @@ PreparedFwd prepare_fwd(const FwdArgs& a, bool out_fp32, c10::DeviceType device)
   check_qkv(a, device);
   PreparedFwd r;
   AttnFwdParams& p = r.params;
-  fill_common(a, r, p.mask, p.dropout, p.shape);
+  fill_common(a, r, p);
   const auto& s = p.shape;
   const auto out_dtype = out_fp32 ? at::kFloat : a.q.scalar_type();
   r.out = at::empty({s.B, s.Hq, s.Sq, s.Dv}, a.q.options().dtype(out_dtype));
   r.lse = at::empty({s.B, s.Hq, s.Sq}, a.q.options().dtype(acc_dtype(a.q)));
-  p.q = r.q.data_ptr();
-  p.k = r.k.data_ptr();
-  p.v = r.v.data_ptr();
-  strides4(r.q, p.q_stride);
-  strides4(r.k, p.k_stride);
-  strides4(r.v, p.v_stride);
   p.out = r.out.data_ptr();
   p.lse = r.lse.data_ptr();
-  p.scale = a.scale;
   return r;
 }
 
@@ -174,10 +179,7 @@ PreparedBwd prepare_bwd(const at::Tensor& dout, const at::Tensor& out, const at:
   }
   PreparedBwd r;
   AttnBwdParams& p = r.params;
-  PreparedFwd tmp;
-  fill_common(a, tmp, p.mask, p.dropout, p.shape);
-  r.q = tmp.q; r.k = tmp.k; r.v = tmp.v;
-  r.mask = tmp.mask; r.q_pos = tmp.q_pos; r.k_pos = tmp.k_pos;
+  fill_common(a, r, p);
   r.dout = unit_last(dout.to(a.q.scalar_type()));
   // lse and delta_i = sum_d dout_id * out_id - dlse_i in the accumulation dtype.
   const auto acc = acc_dtype(a.q);
@@ -189,15 +191,11 @@ PreparedBwd prepare_bwd(const at::Tensor& dout, const at::Tensor& out, const at:
   r.dq = at::empty(a.q.sizes(), a.q.options().dtype(g_dtype));
   r.dk = at::empty(a.k.sizes(), a.k.options().dtype(g_dtype));
   r.dv = at::empty(a.v.sizes(), a.v.options().dtype(g_dtype));
-  p.q = r.q.data_ptr(); p.k = r.k.data_ptr(); p.v = r.v.data_ptr(); p.dout = r.dout.data_ptr();
-  strides4(r.q, p.q_stride);
-  strides4(r.k, p.k_stride);
-  strides4(r.v, p.v_stride);
+  p.dout = r.dout.data_ptr();
   strides4(r.dout, p.dout_stride);
   p.lse = r.lse.data_ptr();
   p.delta = r.delta.data_ptr();
   p.dq = r.dq.data_ptr(); p.dk = r.dk.data_ptr(); p.dv = r.dv.data_ptr();
-  p.scale = a.scale;
   return r;
 }
 

@@ -23,16 +23,22 @@ struct FwdArgs {
   const std::optional<at::Tensor>& seed;
 };
 
-// Everything a backend needs to launch: the params plus the tensors their pointers point
-// into (kept alive here).
-struct PreparedFwd {
-  AttnFwdParams params;
-  at::Tensor q, k, v, out, lse, mask, q_pos, k_pos;
+// The inputs both directions launch on, prepared once (last dim unit-stride, mask as a
+// broadcast view, positions as int64 on the device); the params point into them.
+struct PreparedInputs {
+  at::Tensor q, k, v, mask, q_pos, k_pos;
 };
 
-struct PreparedBwd {
+// Everything a backend needs to launch: the params plus the tensors their pointers point
+// into (kept alive here).
+struct PreparedFwd : PreparedInputs {
+  AttnFwdParams params;
+  at::Tensor out, lse;
+};
+
+struct PreparedBwd : PreparedInputs {
   AttnBwdParams params;
-  at::Tensor q, k, v, dout, lse, delta, dq, dk, dv, mask, q_pos, k_pos;
+  at::Tensor dout, lse, delta, dq, dk, dv;
 };
 
 PreparedFwd prepare_fwd(const FwdArgs& a, bool out_fp32, c10::DeviceType device);

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <type_traits>
 
 #include "attn_host.h"
 #include "cuda/launch_api.h"
@@ -91,20 +92,22 @@ void check_cuda_shape(const AttnShape& s, const at::Tensor& q) {
   }
 }
 
-template <typename Elem>
-cudaError_t fwd_tc(int hd, const AttnFwdParams& p, bool out_fp32, cudaStream_t st) {
+// Calls f(std::integral_constant<int, HD>{}) for the compiled tensor-core head dim hd
+// (pick_head_dim's result); one switch serves both directions.
+template <typename F>
+cudaError_t with_head_dim(int hd, F&& f) {
   switch (hd) {
 #ifdef RING_ATTN_HAS_HD64
-    case 64: return run_fwd_tc<Elem, 64>(p, out_fp32, st);
+    case 64: return f(std::integral_constant<int, 64>{});
 #endif
 #ifdef RING_ATTN_HAS_HD96
-    case 96: return run_fwd_tc<Elem, 96>(p, out_fp32, st);
+    case 96: return f(std::integral_constant<int, 96>{});
 #endif
 #ifdef RING_ATTN_HAS_HD128
-    case 128: return run_fwd_tc<Elem, 128>(p, out_fp32, st);
+    case 128: return f(std::integral_constant<int, 128>{});
 #endif
 #ifdef RING_ATTN_HAS_HD256
-    case 256: return run_fwd_tc<Elem, 256>(p, out_fp32, st);
+    case 256: return f(std::integral_constant<int, 256>{});
 #endif
     default: break;
   }
@@ -113,25 +116,18 @@ cudaError_t fwd_tc(int hd, const AttnFwdParams& p, bool out_fp32, cudaStream_t s
 }
 
 template <typename Elem>
+cudaError_t fwd_tc(int hd, const AttnFwdParams& p, bool out_fp32, cudaStream_t st) {
+  return with_head_dim(hd, [&](auto HD) {
+    return run_fwd_tc<Elem, decltype(HD)::value>(p, out_fp32, st);
+  });
+}
+
+template <typename Elem>
 cudaError_t bwd_tc(int hd, const AttnBwdParams& p, float* dq_accum, bool grad_fp32,
                    cudaStream_t st) {
-  switch (hd) {
-#ifdef RING_ATTN_HAS_HD64
-    case 64: return run_bwd_tc<Elem, 64>(p, dq_accum, grad_fp32, st);
-#endif
-#ifdef RING_ATTN_HAS_HD96
-    case 96: return run_bwd_tc<Elem, 96>(p, dq_accum, grad_fp32, st);
-#endif
-#ifdef RING_ATTN_HAS_HD128
-    case 128: return run_bwd_tc<Elem, 128>(p, dq_accum, grad_fp32, st);
-#endif
-#ifdef RING_ATTN_HAS_HD256
-    case 256: return run_bwd_tc<Elem, 256>(p, dq_accum, grad_fp32, st);
-#endif
-    default: break;
-  }
-  TORCH_CHECK(false, "ring_attn: internal error, head dim ", hd, " not compiled");
-  return cudaErrorInvalidValue;
+  return with_head_dim(hd, [&](auto HD) {
+    return run_bwd_tc<Elem, decltype(HD)::value>(p, dq_accum, grad_fp32, st);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(
