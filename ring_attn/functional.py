@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 
 from . import ops
+from .errors import (RingAttnError, RingAttnIndexError, RingAttnNotImplementedError,
+                     RingAttnTypeError)
 
 Tensor = torch.Tensor
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -35,53 +37,119 @@ def _has_kernel_for(device_type: str) -> bool:
         "ring_attn::attn_fwd", key)
 
 
+def check_tensor(name: str, t: object) -> None:
+    if not isinstance(t, Tensor):
+        raise RingAttnTypeError(f"ring_attn: {name} must be a Tensor, got {type(t).__name__}")
+
+
+def check_bool(name: str, value: object) -> bool:
+    """torch's argument parser takes only a Python bool for is_causal / enable_gqa (an
+    int, a str, None or a 0-D tensor is a TypeError)."""
+    if not isinstance(value, bool):
+        raise RingAttnTypeError(f"ring_attn: {name} must be bool, got "
+                                f"{type(value).__name__} {value!r}")
+    return value
+
+
+def check_dropout_p(value: object) -> float:
+    """dropout_p as a float in [0, 1). Like torch: a Python number or a 0-D tensor (torch
+    accepts both) is converted, anything else is a TypeError. Unlike torch, 1.0 is
+    refused too (torch returns zeros; the kernels' 1 / (1 - p) has no value there)."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
+    if not isinstance(value, (int, float)):  # a bool is an int, as torch's parser takes it
+        raise RingAttnTypeError("ring_attn: dropout_p must be a float (or a 0-D tensor), "
+                                f"got {type(value).__name__} {value!r}")
+    p = float(value)
+    if not 0.0 <= p < 1.0:
+        raise RingAttnError(f"ring_attn: dropout_p must be in [0, 1), got {value!r}")
+    return p
+
+
+def check_scale(value: object) -> Optional[float]:
+    """scale as None or a finite float. A Python number or 0-D tensor is accepted as
+    torch does; a str (etc.) is a TypeError. A non-finite scale, which torch lets
+    through to an all-NaN result, is refused."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
+    if not isinstance(value, (int, float)):
+        raise RingAttnTypeError(f"ring_attn: scale must be a float or None, got "
+                                f"{type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise RingAttnError(f"ring_attn: scale must be finite or None, got {value}")
+    return float(value)
+
+
+def check_mask_type(attn_mask: object) -> None:
+    """attn_mask must be a tensor of at least 2 dims [..., L, S] (torch: TypeError for a
+    non-tensor, IndexError for 0-D and 1-D masks, whose dim -2 does not exist)."""
+    if attn_mask is None:
+        return
+    check_tensor("attn_mask", attn_mask)
+    if attn_mask.dim() < 2:
+        raise RingAttnIndexError(f"ring_attn: attn_mask must be at least 2-D [..., L, S], "
+                                 f"got {attn_mask.dim()}-D of shape {tuple(attn_mask.shape)}")
+
+
 def validate_inputs(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                     dropout_p: float, is_causal: bool, scale: Optional[float],
-                    enable_gqa: bool) -> None:
+                    enable_gqa: bool) -> tuple[float, Optional[float]]:
     """Raise, naming the argument, the expected and the actual value, on any input torch's
-    SDPA rejects (and on dropout_p outside [0, 1), which torch lets through)."""
+    SDPA rejects (with torch's exception type, see errors.py), and on dropout_p = 1 or a
+    non-finite scale, which torch lets through. Returns (dropout_p, scale) as floats."""
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"ring_attn: {name} must be a Tensor, got {type(t).__name__}")
+        check_tensor(name, t)
+    check_mask_type(attn_mask)
+    dropout_p = check_dropout_p(dropout_p)
+    check_bool("is_causal", is_causal)
+    scale = check_scale(scale)
+    check_bool("enable_gqa", enable_gqa)
+    for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() < 2:
-            raise ValueError(f"ring_attn: {name} must be at least 2-D [..., L, E], got "
-                             f"{t.dim()}-D of shape {tuple(t.shape)}")
+            raise RingAttnError(f"ring_attn: {name} must be at least 2-D [..., L, E], got "
+                                f"{t.dim()}-D of shape {tuple(t.shape)}")
+    if not (query.device.type == key.device.type == value.device.type):
+        raise RingAttnError("ring_attn: query, key and value must be on the same device, got "
+                            f"query {query.device}, key {key.device}, value {value.device}")
     if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError("ring_attn: query, key and value must have the same dtype, got "
-                         f"query {query.dtype}, key {key.dtype}, value {value.dtype}")
+        raise RingAttnError("ring_attn: query, key and value must have the same dtype, got "
+                            f"query {query.dtype}, key {key.dtype}, value {value.dtype}")
     if query.dtype not in _FLOAT_DTYPES:
-        raise ValueError("ring_attn: query dtype must be one of float32, float64, float16, "
-                         f"bfloat16, got {query.dtype}")
+        # torch: NotImplementedError for complex and float8 (no kernel for the dtype),
+        # RuntimeError for integer and bool ("expected scalar type Float").
+        exotic = query.dtype.is_complex or query.dtype.is_floating_point
+        kind = RingAttnNotImplementedError if exotic else RingAttnError
+        raise kind("ring_attn: query dtype must be one of float32, float64, float16, "
+                   f"bfloat16, got {query.dtype}")
     if not (query.device == key.device == value.device):
-        raise ValueError("ring_attn: query, key and value must be on the same device, got "
-                         f"query {query.device}, key {key.device}, value {value.device}")
+        raise RingAttnError("ring_attn: query, key and value must be on the same device, got "
+                            f"query {query.device}, key {key.device}, value {value.device}")
     if not _has_kernel(query.device):
-        raise NotImplementedError(
+        raise RingAttnNotImplementedError(
             f"ring_attn: no kernel for device {query.device} (this build has: "
             f"{', '.join(d for d in ('cpu', 'cuda') if _has_kernel(torch.device(d)))}); "
             "move the inputs or rebuild with CUDA")
     if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"ring_attn: key head dim must equal query's {query.shape[-1]}, "
-                         f"got {key.shape[-1]}")
+        raise RingAttnError(f"ring_attn: key head dim must equal query's {query.shape[-1]}, "
+                            f"got {key.shape[-1]}")
     if value.shape[-2] != key.shape[-2]:
-        raise ValueError(f"ring_attn: value length must equal key's {key.shape[-2]}, got "
-                         f"{value.shape[-2]}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"ring_attn: dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"ring_attn: scale must be finite or None, got {scale}")
+        raise RingAttnError(f"ring_attn: value length must equal key's {key.shape[-2]}, got "
+                            f"{value.shape[-2]}")
     if attn_mask is not None:
         if is_causal:
-            raise ValueError("ring_attn: attn_mask must be None when is_causal=True "
-                             "(torch's rule: an explicit mask and is_causal are exclusive)")
+            raise RingAttnError("ring_attn: attn_mask must be None when is_causal=True "
+                                "(torch's rule: an explicit mask and is_causal are exclusive)")
         # torch's rule: bool, float32, or the query's dtype.
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-            raise ValueError("ring_attn: attn_mask dtype must be bool, float32 or match "
-                             f"query's {query.dtype}, got {attn_mask.dtype}")
+            raise RingAttnError("ring_attn: attn_mask dtype must be bool, float32 or match "
+                                f"query's {query.dtype}, got {attn_mask.dtype}")
         if attn_mask.device != query.device:
-            raise ValueError(f"ring_attn: attn_mask must be on query's device {query.device}, "
-                             f"got {attn_mask.device}")
+            raise RingAttnError(f"ring_attn: attn_mask must be on query's device "
+                                f"{query.device}, got {attn_mask.device}")
     _head_counts(query, key, value, enable_gqa)
+    return dropout_p, scale
 
 
 def _heads(t: Tensor) -> int:
@@ -97,21 +165,22 @@ def _head_counts(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
     Otherwise query heads must equal KV heads, or be a multiple with enable_gqa."""
     hq, hk, hv = _heads(query), _heads(key), _heads(value)
     if hk != hv and 1 not in (hk, hv):
-        raise ValueError(f"ring_attn: key and value head counts differ: key {hk}, value {hv}")
+        raise RingAttnError(f"ring_attn: key and value head counts differ: key {hk}, "
+                            f"value {hv}")
     hkv = max(hk, hv) if hk != hv else hk
     if hq == hkv:
         return hq, hkv
     if enable_gqa:
         if hkv == 0 or hq % hkv != 0:
-            raise ValueError(f"ring_attn: query heads ({hq}) must be a multiple of key/value "
-                             f"heads ({hkv}) with enable_gqa=True")
+            raise RingAttnError(f"ring_attn: query heads ({hq}) must be a multiple of key/value "
+                                f"heads ({hkv}) with enable_gqa=True")
         return hq, hkv
     if hq == 1:
         return hkv, hkv
     if hkv == 1:
         return hq, 1  # the kernel's GQA mapping with one group: no copy of K/V
-    raise ValueError(f"ring_attn: query has {hq} heads but key/value have {hkv}; "
-                     "pass enable_gqa=True for grouped-query attention")
+    raise RingAttnError(f"ring_attn: query has {hq} heads but key/value have {hkv}; "
+                        "pass enable_gqa=True for grouped-query attention")
 
 
 def _batch_shape(query: Tensor, key: Tensor, value: Tensor) -> tuple[int, ...]:
@@ -120,8 +189,8 @@ def _batch_shape(query: Tensor, key: Tensor, value: Tensor) -> tuple[int, ...]:
     try:
         return tuple(torch.broadcast_shapes(*lead))
     except RuntimeError as e:
-        raise ValueError(f"ring_attn: batch dims of query {tuple(lead[0])}, key "
-                         f"{tuple(lead[1])} and value {tuple(lead[2])} do not broadcast") from e
+        raise RingAttnError(f"ring_attn: batch dims of query {tuple(lead[0])}, key "
+                            f"{tuple(lead[1])} and value {tuple(lead[2])} do not broadcast") from e
 
 
 def _to_4d(t: Tensor, batch: tuple[int, ...], heads: int) -> Tensor:
@@ -135,12 +204,14 @@ def _to_4d(t: Tensor, batch: tuple[int, ...], heads: int) -> Tensor:
 
 def _mask_to_4d(mask: Tensor, batch: tuple[int, ...], hq: int, lq: int, lk: int) -> Tensor:
     full = (*batch, hq, lq, lk)
+    shape = tuple(mask.shape)
     try:
         mask = mask.expand(full) if mask.dim() <= len(full) else None
     except RuntimeError:
         mask = None
     if mask is None:
-        raise ValueError(f"ring_attn: attn_mask shape does not broadcast to {full}")
+        raise RingAttnError(f"ring_attn: attn_mask shape {shape} does not broadcast to "
+                            f"[..., L, S] = {full}")
     if len(batch) != 1:
         mask = mask.reshape(math.prod(batch), hq, lq, lk)
     return mask
@@ -156,7 +227,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
     """Exact attention, a drop-in for torch.nn.functional.scaled_dot_product_attention."""
-    validate_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    dropout_p, scale = validate_inputs(query, key, value, attn_mask, dropout_p, is_causal,
+                                       scale, enable_gqa)
     batch = _batch_shape(query, key, value)
     e = query.shape[-1]
     if scale is None:

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.ring_attn)
+from .errors import refuse_double_backward
 from .merge import acc_dtype
 
 Tensor = torch.Tensor
@@ -68,6 +69,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlse):
+    refuse_double_backward()  # attn_bwd has no derivative: never a graph-less result
     q, k, v, out, lse, attn_mask, q_pos, k_pos, seed = ctx.saved_tensors
     q_offset, k_offset, is_causal, scale, dropout_p = ctx.args
     if ctx.mask_needs_grad:

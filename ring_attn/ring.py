@@ -25,7 +25,6 @@ block.py, shared with the simulated ring (simulated.py).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -33,8 +32,9 @@ import torch.distributed as dist
 
 from .block import RingSpec, backward_block, forward_block
 from .comm import DKV_TAG, KV_TAG, RingComm, group_info, pack, unpack
+from .errors import refuse_double_backward
 from .merge import acc_dtype
-from .validate import agree_on_inputs
+from .validate import agree_on_backward, agree_on_inputs
 
 Tensor = torch.Tensor
 
@@ -63,6 +63,12 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
                   mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """This rank's shards (dq, dk, dv) of the gradients, in the inputs' dtypes."""
     p = spec.world_size
+    # Every rank must be in the backward of the same call (and none may ask for a double
+    # backward) before any K/V moves: raises on every rank otherwise (validate.py).
+    if comm is None:
+        refuse_double_backward()
+    else:
+        agree_on_backward(comm.info, spec.call, dout, torch.is_grad_enabled())
     dt = acc_dtype(q.dtype)
     shapes = [k.shape, v.shape]
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
@@ -152,11 +158,10 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool
     on every rank, naming the rank that differs.
     """
     info = group_info(group)
-    if scale is None and query.dim() == 4 and query.size(-1) > 0:
-        scale = 1.0 / math.sqrt(query.size(-1))
     agreed = agree_on_inputs(query, key, value, attn_mask, is_causal=is_causal,
                              scale=scale, dropout_p=dropout_p, layout=layout, info=info)
-    spec = RingSpec(info.rank, info.world_size, layout, bool(is_causal), float(agreed.scale),
-                    float(dropout_p), agreed.seed, query.size(2))
+    spec = RingSpec(info.rank, info.world_size, layout, is_causal, agreed.scale,
+                    agreed.dropout_p, agreed.seed, query.size(2), agreed.kv_nonfinite,
+                    agreed.call)
     comm = RingComm(info) if info.world_size > 1 else None
     return _RingAttention.apply(query, key, value, agreed.mask, spec, comm)

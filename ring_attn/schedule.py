@@ -20,6 +20,12 @@ diagonal, so no kernel call touches a block that is all masked:
               j <= i (s <= r) or j < i (s > r), a triangle of S_local(S_local +- 1)/2
               pairs at every step for every rank.
 
+A block is skipped, or narrowed to its unmasked part, only when the K/V shard it reads is
+finite: torch's math backend masks additively, so a NaN or inf in a masked (even a future)
+key or value still reaches the output (NaN score + -inf = NaN; 0 * NaN = NaN). When the
+source's shard may hold NaN/inf (`source_nonfinite`, agreed across ranks in validate.py),
+its block is computed whole with the causal mask on global positions, as the diagonal is.
+
 Everything here is pure (rank, step, world size, layout, causal, S_local) -> plan, tested
 without a process group in tests/test_schedule.py.
 """
@@ -59,7 +65,7 @@ def source_rank(rank: int, step: int, world_size: int) -> int:
 
 
 def plan_step(rank: int, step: int, world_size: int, layout: str, is_causal: bool,
-              s_local: int) -> BlockStep:
+              s_local: int, source_nonfinite: bool = False) -> BlockStep:
     check_layout(layout)
     check_local_length(s_local, layout)
     if not 0 <= step < world_size:
@@ -69,7 +75,7 @@ def plan_step(rank: int, step: int, world_size: int, layout: str, is_causal: boo
     if not is_causal:
         return whole
     diagonal = BlockStep(step, rank, s, False, 0, s_local, 0, s_local, True)
-    if s == rank or layout == "striped":
+    if s == rank or layout == "striped" or source_nonfinite:
         return diagonal
     if layout == "contiguous":
         if s < rank:
@@ -81,9 +87,12 @@ def plan_step(rank: int, step: int, world_size: int, layout: str, is_causal: boo
     return BlockStep(step, rank, s, False, c, c, 0, s_local, False)
 
 
-def ring_plan(rank: int, world_size: int, layout: str, is_causal: bool,
-              s_local: int) -> list[BlockStep]:
+def ring_plan(rank: int, world_size: int, layout: str, is_causal: bool, s_local: int,
+              kv_nonfinite: tuple[bool, ...] = ()) -> list[BlockStep]:
     """rank's blocks for steps 0 .. P-1. Step 0 is always the whole local block, so the
-    forward can start its accumulators from it."""
-    return [plan_step(rank, t, world_size, layout, is_causal, s_local)
+    forward can start its accumulators from it. kv_nonfinite[s]: rank s's K/V shard may
+    hold NaN/inf (empty: all finite)."""
+    def nonfinite(t: int) -> bool:
+        return bool(kv_nonfinite) and kv_nonfinite[source_rank(rank, t, world_size)]
+    return [plan_step(rank, t, world_size, layout, is_causal, s_local, nonfinite(t))
             for t in range(world_size)]

@@ -18,9 +18,11 @@ from typing import Any, Optional
 import torch
 
 from .block import RingSpec, backward_block, forward_block
-from .functional import draw_seed, validate_inputs
+from .errors import RingAttnError, refuse_double_backward
+from .functional import check_bool, draw_seed, validate_inputs
 from .layout import check_global_length, check_layout, shard_tensor, unshard_tensors
 from .merge import acc_dtype
+from .validate import kv_nonfinite
 
 Tensor = torch.Tensor
 
@@ -29,7 +31,7 @@ def _mask_4d(mask: Tensor, b: int, h: int, s: int) -> Tensor:
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     for i, want in enumerate((b, h, s, s)):
         if m.size(i) not in (1, want) or (i == 3 and m.size(i) != want):
-            raise ValueError(f"ring_attn: attn_mask shape {tuple(mask.shape)} does not "
+            raise RingAttnError(f"ring_attn: attn_mask shape {tuple(mask.shape)} does not "
                              f"broadcast to [B, Hq, S, S] = {[b, h, s, s]}")
     return m
 
@@ -59,6 +61,7 @@ class _SimulatedRing(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor):
+        refuse_double_backward()
         specs = ctx.specs
         p, layout = len(specs), specs[0].layout
         saved = ctx.saved_tensors
@@ -90,15 +93,17 @@ def simulated_ring_attention(query: Tensor, key: Tensor, value: Tensor, *, world
     Dropout: seed (int64 scalar) defaults to draw_seed(), so with the same
     torch.manual_seed the output equals ring_attn.scaled_dot_product_attention's."""
     check_layout(layout)
-    validate_inputs(query, key, value, attn_mask, dropout_p, False, scale, True)
+    check_bool("is_causal", is_causal)
+    dropout_p, scale = validate_inputs(query, key, value, attn_mask, dropout_p, False, scale,
+                                       True)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() != 4:
-            raise ValueError(f"ring_attn: {name} must be 4-D [B, H, S, D], got {t.dim()}-D")
+            raise RingAttnError(f"ring_attn: {name} must be 4-D [B, H, S, D], got {t.dim()}-D")
     if key.size(2) != query.size(2):
-        raise ValueError("ring_attn: the ring is self-attention: key length must equal "
+        raise RingAttnError("ring_attn: the ring is self-attention: key length must equal "
                          f"query's {query.size(2)}, got {key.size(2)}")
     if world_size < 1:
-        raise ValueError(f"ring_attn: world_size must be >= 1, got {world_size}")
+        raise RingAttnError(f"ring_attn: world_size must be >= 1, got {world_size}")
     s = query.size(2)
     check_global_length(s, world_size, layout)
     if scale is None:
@@ -106,7 +111,12 @@ def simulated_ring_attention(query: Tensor, key: Tensor, value: Tensor, *, world
     mask = None if attn_mask is None else _mask_4d(attn_mask, query.size(0), query.size(1), s)
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed()
-    specs = [RingSpec(r, world_size, layout, bool(is_causal), float(scale), float(dropout_p),
-                      seed if dropout_p > 0.0 else None, s // world_size)
+    # Each virtual rank's "my K/V shard may hold NaN/inf" flag, as validate.py agrees on
+    # it in the real ring (only a causal schedule skips blocks).
+    flags = tuple(is_causal and bool(kv_nonfinite(shard_tensor(key, r, world_size, layout),
+                                                  shard_tensor(value, r, world_size, layout)))
+                  for r in range(world_size))
+    specs = [RingSpec(r, world_size, layout, is_causal, scale, dropout_p,
+                      seed if dropout_p > 0.0 else None, s // world_size, flags)
              for r in range(world_size)]
     return _SimulatedRing.apply(query, key, value, mask, specs)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import ring_attn
 from dist_utils import assert_all_ok, run_ranks
 from ring_attn.comm import GroupInfo
+from ring_attn.errors import RingAttnError
 from ring_attn.validate import agree_on_inputs
 
 
@@ -39,19 +40,19 @@ def test_without_process_group_is_a_clear_error() -> None:
 
 def test_local_input_errors() -> None:
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(RingAttnError, match="even"):
         _agree(*_qkv(s_local=5))
-    with pytest.raises(ValueError, match="multiple of key/value heads"):
+    with pytest.raises(RingAttnError, match="multiple of key/value heads"):
         _agree(*_qkv(hq=3, hk=2))
-    with pytest.raises(ValueError, match="4-D"):
+    with pytest.raises(RingAttnError, match="4-D"):
         _agree(q[0], k, v)
-    with pytest.raises(ValueError, match="same length"):
+    with pytest.raises(RingAttnError, match="same length"):
         _agree(q, k[:, :, :2], v[:, :, :2])
-    with pytest.raises(ValueError, match=r"dim 3 \(keys"):
+    with pytest.raises(RingAttnError, match=r"dim 3 \(keys"):
         _agree(q, k, v, torch.ones(4, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="dtype must be bool or the query's"):
+    with pytest.raises(RingAttnError, match="dtype must be bool or the query's"):
         _agree(q, k, v, torch.zeros(4, 4, dtype=torch.float64))
-    with pytest.raises(ValueError, match="dropout_p"):
+    with pytest.raises(RingAttnError, match="dropout_p"):
         _agree(q, k, v, dropout_p=1.0)
     # A [1, 1, 1, S] key-padding mask broadcasts over queries: accepted, made 4-D.
     agreed = _agree(q, k, v, torch.ones(4, dtype=torch.bool).view(1, 1, 1, 4))
@@ -59,7 +60,7 @@ def test_local_input_errors() -> None:
 
 
 def test_cpu_tensors_on_nccl_group_raise_before_communicating() -> None:
-    with pytest.raises(ValueError, match="nccl.*CUDA tensors"):
+    with pytest.raises(RingAttnError, match="nccl.*CUDA tensors"):
         _agree(*_qkv(), backend="nccl")
 
 
