@@ -58,10 +58,14 @@ _BWD_FIELDS = ["the ring call whose backward runs (every rank must run the backw
 _calls: dict[object, int] = {}
 
 
+def _call_key(info: GroupInfo) -> object:
+    if info.group is None and dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return info.group
+
+
 def _next_call(info: GroupInfo) -> int:
-    key = info.group
-    if key is None and dist.is_available() and dist.is_initialized():
-        key = dist.group.WORLD
+    key = _call_key(info)
     _calls[key] = _calls.get(key, 0) + 1
     return _calls[key]
 
@@ -282,7 +286,13 @@ def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
     # One rank needs no flags: its step 0 (its own block) is never skipped.
     rows = _gather([_MAGIC, int(error is not None), *fields, seed, 0], info,
                    flag if info.world_size > 1 else None)
-    _check_phase(rows, _MAGIC, info)
+    try:
+        _check_phase(rows, _MAGIC, info)
+    except RingInputError:
+        # Only the ranks in a forward counted this call: un-count it, so the numbers stay
+        # in step across ranks for the calls after this refused one.
+        _calls[_call_key(info)] -= 1
+        raise
     bad = [r for r, row_r in enumerate(rows) if row_r[1] != 0]
     if bad:
         if error is not None:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import ring_attn
 from dist_utils import assert_all_ok, run_ranks
 from ring_attn.comm import GroupInfo
-from ring_attn.errors import RingAttnError
+from ring_attn.errors import DOUBLE_BACKWARD, RingAttnError
 from ring_attn.validate import agree_on_inputs
 
 
@@ -152,3 +152,107 @@ def test_dead_or_stalled_rank_makes_survivors_raise(tmp_path, mode: str) -> None
     for rank, (raised, msg, dt) in enumerate(survivors):
         assert raised, f"rank {rank} did not raise"
         assert dt < 4 * pg_timeout, f"rank {rank} raised only after {dt:.1f} s: {msg}"
+
+
+# --- the backward agrees across ranks; double backward is refused everywhere ---------------
+
+def _ring_call(rank: int, p: int, group, seed: int):
+    """A causal zigzag ring call on this rank's shards of full inputs drawn from seed;
+    returns (out, local inputs, local dout, float64 reference out and grads, local pos)."""
+    from helpers import sdpa_reference
+    from ring_attn.layout import global_positions
+    s_local = 4
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, dout = (torch.randn(1, 2, p * s_local, 8, generator=g) for _ in range(4))
+    pos = global_positions(rank, p, s_local, "zigzag")
+    local = [t.index_select(2, pos).contiguous().requires_grad_() for t in (q, k, v)]
+    out = ring_attn.ring_attention(*local, is_causal=True, group=group)
+    xs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = sdpa_reference(*xs, is_causal=True)
+    ref_g = torch.autograd.grad(ref, xs, dout.double())
+    return out, local, dout.index_select(2, pos), [ref, *ref_g], pos
+
+
+def _outcome(fn) -> tuple[str, str, float]:
+    t0 = time.monotonic()
+    try:
+        fn()
+        return "no error", "", time.monotonic() - t0
+    except Exception as e:  # noqa: BLE001 - the parent asserts on type and message
+        return type(e).__name__, str(e), time.monotonic() - t0
+
+
+def backward_agreement_checks(rank: int, world_size: int) -> dict[int, dict[str, tuple]]:
+    from helpers import assert_close_to_ref
+    results = {}
+    for p in (2, world_size):
+        group = dist.new_group(list(range(p)))  # collective over the world
+        if rank >= p:
+            dist.barrier()
+            continue
+        seen: dict[str, tuple] = {}
+        # Two calls of equal shape, backpropagated in opposite orders on even / odd ranks.
+        out1, x1, d1, _, _ = _ring_call(rank, p, group, 1)
+        out2, x2, d2, _, _ = _ring_call(rank, p, group, 2)
+        order = [(out1, x1, d1), (out2, x2, d2)][:: 1 if rank % 2 == 0 else -1]
+        for i, (o, x, d) in enumerate(order):
+            seen[f"swapped {i}"] = _outcome(lambda: torch.autograd.grad(o, x, d))
+        # The same order everywhere: exact gradients.
+        calls = [_ring_call(rank, p, group, 3), _ring_call(rank, p, group, 4)]
+        for j, (o, x, d, want, pos) in enumerate(calls):
+            got = [o, *torch.autograd.grad(o, x, d)]
+            for name, ours, r in zip(("out", "dq", "dk", "dv"), got, want):
+                r = r.detach().index_select(2, pos)
+                try:
+                    assert_close_to_ref(ours, None, r, atol_floor=2e-6, what=f"{name}")
+                    seen[f"ordered {j} {name}"] = ("ok", "", 0.0)
+                except AssertionError as e:
+                    seen[f"ordered {j} {name}"] = ("wrong", str(e), 0.0)
+        # Double backward: asked on every rank, then on rank 0 only.
+        o, x, d, _, _ = _ring_call(rank, p, group, 5)
+        seen["double all"] = _outcome(lambda: torch.autograd.grad(o, x, d, create_graph=True))
+        o, x, d, _, _ = _ring_call(rank, p, group, 6)
+        seen["double rank 0"] = _outcome(
+            lambda: torch.autograd.grad(o, x, d, create_graph=rank == 0))
+        # Rank 0 backpropagates while the others start a new forward.
+        o, x, d, _, _ = _ring_call(rank, p, group, 7)
+        if rank == 0:
+            seen["phase"] = _outcome(lambda: torch.autograd.grad(o, x, d))
+        else:
+            seen["phase"] = _outcome(lambda: _ring_call(rank, p, group, 8))
+        # The group still works, and the call numbers are still in step.
+        o, x, d, want, pos = _ring_call(rank, p, group, 9)
+        seen["after"] = _outcome(lambda: torch.autograd.grad(o, x, d))
+        results[p] = seen
+        dist.barrier()
+    return results
+
+
+def test_backward_order_and_double_backward_raise_on_every_rank(tmp_path) -> None:
+    """P = 2 and 4 (one spawn): a backward order that differs across ranks, a double
+    backward (on all ranks or one), and a backward meeting a forward all raise a clear
+    RuntimeError on every rank within seconds; the same order gives exact gradients."""
+    results = assert_all_ok(run_ranks(backward_agreement_checks, 4, tmp_path,
+                                      pg_timeout_s=30, join_timeout_s=180))
+    for rank, per_p in enumerate(results):
+        assert sorted(per_p) == ([2, 4] if rank < 2 else [4]), sorted(per_p)
+        for p, seen in per_p.items():
+            where = f"P={p} rank {rank}"
+            for i in (0, 1):
+                kind, msg, dt = seen[f"swapped {i}"]
+                assert kind == "RingInputError", f"{where} swapped {i}: {kind} {msg}"
+                assert "in the same order" in msg and f"rank 0 has {i + 1}" in msg, msg
+                assert dt < 5, f"{where}: took {dt:.1f} s"
+            for key, (kind, msg, _) in seen.items():
+                if key.startswith("ordered"):
+                    assert kind == "ok", f"{where} {key}: {msg}"
+            kind, msg, dt = seen["double all"]
+            assert kind == "RingAttnError" and msg == DOUBLE_BACKWARD, f"{where}: {msg}"
+            kind, msg, dt = seen["double rank 0"]
+            assert kind == "RingAttnError" and msg.startswith(DOUBLE_BACKWARD), msg
+            assert rank == 0 or "rank(s) [0] asked for it" in msg, msg
+            kind, msg, dt = seen["phase"]
+            assert kind == "RingInputError" and "same order" in msg, f"{where}: {msg}"
+            assert ("runs a ring backward" if rank == 0 else "runs a ring forward") in msg
+            assert dt < 5, f"{where}: took {dt:.1f} s"
+            assert seen["after"][0] == "no error", f"{where}: {seen['after']}"
