@@ -68,3 +68,44 @@ def test_large_lse_no_overflow_and_float32_accumulation() -> None:
     # bf16 partials merge in float32: the accumulator keeps float32's precision.
     acc, acc_lse = merge(out_a, lse_a, out_b.bfloat16(), lse_b)
     assert acc.dtype == torch.float32
+
+
+def _math_partial(q, k, v, mask, keys):
+    """torch's math backend on the key subset `keys` (index tensor), additive mask:
+    (out, lse) with NaN wherever math gives NaN; an all -inf row gives (0, -inf)
+    (math's safe softmax), and 0 * NaN in p @ v stays NaN. lse is NaN for a row with a
+    +inf score, as the kernels return it (the row's probabilities are inf / inf = NaN)."""
+    s = (q @ k[..., keys, :].transpose(-1, -2)) / math.sqrt(q.size(-1)) + mask[..., keys]
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    lse = torch.where(torch.isposinf(s).any(-1), float("nan"), lse)
+    p = torch.where((lse == float("-inf")).unsqueeze(-1), torch.zeros_like(p), p)
+    return p @ v[..., keys, :], lse
+
+
+def test_merge_propagates_nan_and_inf_as_math() -> None:
+    """A NaN partial row gives a NaN row, a NaN in one value column stays in that column
+    (also from a block whose row is all masked), -inf rows stay (0, -inf) without NaN,
+    and a +inf score gives NaN: the merge of the blocks equals math on all keys."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 1, 6, 4, dtype=torch.float64, generator=g)
+    k = torch.randn(1, 1, 8, 4, dtype=torch.float64, generator=g)
+    v = torch.randn(1, 1, 8, 3, dtype=torch.float64, generator=g)
+    mask = torch.zeros(6, 8, dtype=torch.float64)
+    mask[4, :] = float("-inf")        # row 4: no key at all
+    mask[5, 4:] = float("-inf")       # row 5: keys of block b all masked
+    q[0, 0, 1, 2] = float("nan")      # row 1 NaN
+    v[0, 0, 6, 1] = float("nan")      # column 1 NaN in every row (block b)
+    k[0, 0, 2, 0] = float("inf")      # key 2: +-inf scores (block a)
+    mask[3, 2] = float("nan")         # row 3 NaN through the mask
+    full = _math_partial(q, k, v, mask, torch.arange(8))
+    parts = [_math_partial(q, k, v, mask, torch.arange(i, i + 4)) for i in (0, 4)]
+    for a, b in (parts, parts[::-1]):
+        out, lse = merge(*a, *b)
+        for name, ours, ref in (("out", out, full[0]), ("lse", lse, full[1])):
+            assert torch.equal(ours.isnan(), ref.isnan()), (name, ours, ref)
+            assert torch.equal(ours.isinf(), ref.isinf()), (name, ours, ref)
+            fin = ref.isfinite()
+            torch.testing.assert_close(ours[fin], ref[fin], rtol=0, atol=1e-14)
+    assert out[0, 0, :, 1].isnan().all() and not out[0, 0, 4, [0, 2]].isnan().any()
+    assert lse[0, 0, 4] == float("-inf")
