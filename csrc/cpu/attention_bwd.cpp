@@ -16,6 +16,10 @@
 // (batch, KV head) pairs to keep every thread busy, the keys are cut into chunks, each
 // chunk writes its own float32 partial dQ, and a second parallel pass sums the partials.
 //
+// Non-finite values as in torch's math backward: the mask is added (tile.h), exp keeps
+// NaN, P = 0 rows still multiply dP (0 * NaN = NaN in dS), and no tile is skipped when a
+// value it would read is non-finite (attn_params.h), so NaN lands exactly where math's.
+//
 // Products: gemm_bcast (gemm.h). With bfloat16 inputs on AVX512-BF16 CPUs, S and dP (which
 // read only the inputs) use bf16 pairs, lifting the backward at S=4096, D=64..128, one
 // thread, from 156-192 to 212-222 GFLOP/s on the 2-core EPYC (CPU time).
@@ -110,6 +114,7 @@ void bwd_impl(const AttnBwdParams& p) {
   const acc* lse = static_cast<const acc*>(p.lse);  // accumulation type (attn_params.h)
   const bool direct_q = direct_rows<scalar_t, acc>(p.q_stride[2], D);
   const bool direct_do = direct_rows<scalar_t, acc>(p.dout_stride[2], Dv);
+  const bool may_skip = skip_allowed(p.mask);
 
   // dQ partials, one [B, Hq, Sq, D] slice per key chunk, only when there are several.
   std::vector<acc> dq_partial;
@@ -183,7 +188,7 @@ void bwd_impl(const AttnBwdParams& p) {
           int64_t ldq = D, lddo = Dv;
           std::fill(dQb, dQb + m * D, acc(0));
           for (int64_t kb = kb0; kb < kb1; ++kb) {
-            const TileKind kind = causal_tile(qpos, qb, kpos, kb, p.mask.causal);
+            const TileKind kind = causal_tile(qpos, qb, kpos, kb, p.mask.causal, may_skip);
             if (kind == TileKind::kSkip) continue;
             if (!loaded) {
               if (direct_q) {

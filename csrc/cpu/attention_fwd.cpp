@@ -10,6 +10,12 @@
 // decided from the min/max position of each block, so zigzag and striped position maps
 // skip as much as contiguous ones do.
 //
+// Non-finite inputs follow torch's math backend (attn_params.h) at no cost to the finite
+// path: the row max propagates NaN (a NaN or +inf score, or NaN + -inf at a masked one,
+// makes m, the rescale, l and so the row and its lse NaN); the "no key yet" branch fires
+// only on a true -inf max; P V runs over every tile that is not skipped, so 0 * NaN in V
+// poisons its column as in math; and no tile is skipped when any input is non-finite.
+//
 // Accumulation is float32 (float64 for float64 inputs), and so are lse and a float mask
 // (attn_params.h): float64 stays float64-accurate end to end. K^T (and V, when it is not
 // float32 rows already) is packed once per call in the accumulation type, so both products
@@ -79,6 +85,7 @@ void fwd_impl(const AttnFwdParams& p) {
   const bool has_dropout = p.dropout.p > 0.0;
   const bool direct_q = direct_rows<scalar_t, acc>(p.q_stride[2], D);
   const bool direct_v = direct_rows<scalar_t, acc>(p.v_stride[2], Dv);
+  const bool may_skip = skip_allowed(p.mask);
 
   // K^T of every (batch, KV head, key block), packed once per call and shared by all the
   // query blocks and query heads that read it: [B*Hk][nkb][D][KB]. V in the accumulation
@@ -177,7 +184,7 @@ void fwd_impl(const AttnFwdParams& p) {
       std::fill(lrow, lrow + m, acc(0));
 
       for (int64_t kb = 0; kb < nkb; ++kb) {
-        const TileKind kind = causal_tile(qpos, qb, kpos, kb, p.mask.causal);
+        const TileKind kind = causal_tile(qpos, qb, kpos, kb, p.mask.causal, may_skip);
         if (kind == TileKind::kSkip) continue;
         const int64_t j0 = kb * KB, n = std::min(KB, Sk - j0);
         if constexpr (kDot) {
@@ -192,12 +199,12 @@ void fwd_impl(const AttnFwdParams& p) {
 
         for (int64_t r = 0; r < m; ++r) {
           acc* row = S + r * n;
-          const acc m_new = std::max(mrow[r], row_max(row, n));
+          const acc m_new = max_nan(mrow[r], row_max(row, n));
           if (m_new == kNegInf) {  // no key of this row survived so far
             std::fill(row, row + n, acc(0));
             continue;
           }
-          const acc corr = std::exp(mrow[r] - m_new);  // 0 when mrow was -inf
+          const acc corr = std::exp(mrow[r] - m_new);  // 0 when mrow was -inf; NaN stays
           lrow[r] = lrow[r] * corr + exp_row_sum(row, n, m_new);
           if (corr != acc(1)) scale_row(O + r * Dv, Dv, corr);
           mrow[r] = m_new;
@@ -219,10 +226,12 @@ void fwd_impl(const AttnFwdParams& p) {
       out_t* oh = out + ((b * Hq + h) * Sq + i0) * Dv;
       acc* lh = lse + (b * Hq + h) * Sq + i0;
       for (int64_t r = 0; r < m; ++r) {
+        // l == 0: no key survived, out = O * 0 (NaN where 0 * NaN in V made O NaN, as in
+        // math) and lse = -inf. A NaN l (a NaN or +inf score) makes out and lse NaN.
         const acc l = lrow[r];
-        const acc inv = l > acc(0) ? acc(1) / l : acc(0);
+        const acc inv = l == acc(0) ? acc(0) : acc(1) / l;
         for (int64_t c = 0; c < Dv; ++c) oh[r * Dv + c] = static_cast<out_t>(O[r * Dv + c] * inv);
-        lh[r] = l > acc(0) ? mrow[r] + std::log(l) : kNegInf;
+        lh[r] = l == acc(0) ? kNegInf : mrow[r] + std::log(l);
       }
     }
   });

@@ -7,8 +7,10 @@
 
 namespace ring_attn::cpu {
 
+// NaN if any x[c] is NaN.
 float row_max_avx512(const float* x, int64_t n);
-// x[c] = exp(x[c] - shift) (exactly 0 where x[c] - shift < -87); returns the row sum.
+// x[c] = exp(x[c] - shift) (exactly 0 where x[c] - shift < -87, NaN where it is NaN);
+// returns the row sum.
 float exp_row_sum_avx512(float* x, int64_t n, float shift);
 void scale_row_avx512(float* x, int64_t n, float a);
 // dP[c] = P[c] * (dP[c] - delta)

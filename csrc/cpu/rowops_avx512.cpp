@@ -5,7 +5,8 @@
 // exp: x = n ln2 + r with n = round(x log2 e) and |r| <= ln2 / 2, exp(r) by its degree-6
 // Taylor polynomial (truncation error r^7 / 7! < 1.3e-7, about one float ulp), then
 // scaled by 2^n with vscalefps. Inputs below -87 (exp < 1.7e-38, far below anything a
-// row sum >= 1 can register) give exactly 0, so masked scores (-inf) give P = 0.
+// row sum >= 1 can register) give exactly 0, so masked scores (-inf) give P = 0; NaN
+// gives NaN (torch's math backend propagates it).
 //
 // As in gemm_avx512.cpp, headers come before the target pragma so no shared inline
 // function is emitted with AVX-512 code.
@@ -28,8 +29,10 @@ inline __m512 exp16(__m512 x) {
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
   const __m512 ln2_hi = _mm512_set1_ps(0.693145751953125f);
   const __m512 ln2_lo = _mm512_set1_ps(1.428606765330187e-06f);
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  // Unordered compare and max(-87, x) (vmaxps returns its second operand when either is
+  // NaN) keep a NaN input NaN through to the result.
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_NLT_UQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-87.f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
@@ -46,13 +49,18 @@ inline __m512 exp16(__m512 x) {
 
 }  // namespace
 
+// NaN if any element is NaN: vmaxps drops NaN in one operand, so NaN lanes are tracked
+// in a mask register beside the max (one compare per 16 elements).
 float row_max_avx512(const float* x, int64_t n) {
   __m512 m = _mm512_set1_ps(-__builtin_inff());
+  __mmask16 nan = 0;
   for (int64_t c = 0; c < n; c += 16) {
     const __mmask16 k = tail_mask(n - c);
-    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, x + c));
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + c);
+    m = _mm512_mask_max_ps(m, k, m, v);
+    nan |= _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q);
   }
-  return _mm512_reduce_max_ps(m);
+  return nan ? __builtin_nanf("") : _mm512_reduce_max_ps(m);
 }
 
 float exp_row_sum_avx512(float* x, int64_t n, float shift) {

@@ -49,19 +49,29 @@ struct BlockPositions {
 
 enum class TileKind { kSkip, kFull, kPartial };
 
+// Whether a causal tile wholly in the future may be skipped: only when every value it
+// would read is finite (AttnMaskParams::nonfinite), since math adds -inf to a NaN score
+// and gets NaN, and 0 * NaN = NaN in the products.
+inline bool skip_allowed(const AttnMaskParams& mp) {
+  return mp.nonfinite == nullptr || *mp.nonfinite == 0;
+}
+
 // Causal status of the tile (query block qb, key block kb): kSkip when every key is after
-// every query, kFull when every key is at or before every query, kPartial otherwise.
+// every query (kPartial instead when !may_skip: masked in full), kFull when every key is
+// at or before every query, kPartial otherwise.
 inline TileKind causal_tile(const BlockPositions& qp, int64_t qb, const BlockPositions& kp,
-                            int64_t kb, bool causal) {
+                            int64_t kb, bool causal, bool may_skip) {
   if (!causal) return TileKind::kFull;
-  if (kp.bmin[kb] > qp.bmax[qb]) return TileKind::kSkip;
+  if (kp.bmin[kb] > qp.bmax[qb]) return may_skip ? TileKind::kSkip : TileKind::kPartial;
   if (kp.bmax[kb] <= qp.bmin[qb]) return TileKind::kFull;
   return TileKind::kPartial;
 }
 
 // Applies the attention mask and the causal rule to a score tile S[m x n] (row stride ldS)
 // whose rows are queries i0.. and columns keys j0.. of (batch b, query head h). T is the
-// accumulation type, the type a float mask is stored in.
+// accumulation type, the type a float mask is stored in. Masking adds -inf rather than
+// overwriting, as torch's math backend does, so a NaN or +inf score at a masked position
+// stays NaN (for finite scores the two are identical).
 template <typename T>
 void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp, int64_t b,
                int64_t h, int64_t i0, int64_t j0, const int64_t* qpos, const int64_t* kpos,
@@ -75,7 +85,7 @@ void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp
       const int64_t off = base + (i0 + r) * mp.stride[2] + j0 * sj;
       if (mp.kind == MaskKind::kBool) {
         const uint8_t* mrow = static_cast<const uint8_t*>(mp.ptr) + off;
-        for (int64_t c = 0; c < n; ++c) row[c] = mrow[c * sj] ? row[c] : kNegInf;
+        for (int64_t c = 0; c < n; ++c) row[c] = mrow[c * sj] ? row[c] : row[c] + kNegInf;
       } else {
         // A float mask is stored in the accumulation type T (attn_host.cpp converts it).
         const T* mrow = static_cast<const T*>(mp.ptr) + off;
@@ -87,7 +97,7 @@ void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp
     for (int64_t r = 0; r < m; ++r) {
       T* row = S + r * ldS;
       const int64_t q = qpos[i0 + r];
-      for (int64_t c = 0; c < n; ++c) row[c] = kpos[j0 + c] > q ? kNegInf : row[c];
+      for (int64_t c = 0; c < n; ++c) row[c] = kpos[j0 + c] > q ? row[c] + kNegInf : row[c];
     }
   }
 }
@@ -124,6 +134,14 @@ void dropout_tile(T* P, T* Pd, T* dP, int64_t ld, int64_t m, int64_t n,
 
 // ---- vectorised row helpers ----
 
+// max(a, b) that returns NaN when either is NaN (std::max(a, NaN) returns a), so a NaN
+// score makes its row's running max NaN and the row NaN, as in math's softmax.
+template <typename T>
+inline T max_nan(T a, T b) {
+  return (a < b || b != b) ? b : a;
+}
+
+// The row maximum, NaN if any element is NaN (at::vec::maximum propagates NaN).
 template <typename T>
 inline T row_max(const T* x, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -138,11 +156,12 @@ inline T row_max(const T* x, int64_t n) {
     for (c = W; c + W <= n; c += W) vm = at::vec::maximum(vm, Vec::loadu(x + c));
     mx = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
   }
-  for (; c < n; ++c) mx = std::max(mx, x[c]);
+  for (; c < n; ++c) mx = max_nan(mx, x[c]);
   return mx;
 }
 
-// x[c] = exp(x[c] - shift); returns the row sum. shift is finite.
+// x[c] = exp(x[c] - shift); returns the row sum. A NaN x[c] - shift (a NaN score, or a
+// NaN / +inf shift) gives NaN, so the sum and the row become NaN.
 template <typename T>
 inline T exp_row_sum(T* x, int64_t n, T shift) {
   if constexpr (std::is_same_v<T, float>) {
@@ -156,7 +175,9 @@ inline T exp_row_sum(T* x, int64_t n, T shift) {
   for (; c + W <= n; c += W) {
     Vec e;
     if constexpr (std::is_same_v<T, float>) {
-      e = (Vec::loadu(x + c) - vs).exp_u20();
+      // exp_u20 clamps its input first, which turns NaN into exp(88.7); put the NaN back.
+      const Vec d = Vec::loadu(x + c) - vs;
+      e = Vec::blendv(d.exp_u20(), d, d.isnan());
     } else {
       e = (Vec::loadu(x + c) - vs).exp();
     }
