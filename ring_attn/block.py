@@ -35,13 +35,14 @@ class RingSpec:
     seed: Optional[Tensor]      # int64 scalar, the same on every rank; None w/o dropout
     s_local: int
     kv_nonfinite: tuple[bool, ...] = ()  # per rank: its K/V shard may hold NaN/inf
+    rows_nonfinite: bool = False  # this rank's query rows may meet NaN (validate.py)
     call: int = 0               # the ring call's number in its group (validate.py)
     plan: list[BlockStep] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plan", ring_plan(self.rank, self.world_size, self.layout,
                                                    self.is_causal, self.s_local,
-                                                   self.kv_nonfinite))
+                                                   self.kv_nonfinite, self.rows_nonfinite))
 
     def runs(self, rank: int) -> list[Run]:
         return local_runs(rank, self.world_size, self.s_local, self.layout)

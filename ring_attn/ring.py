@@ -25,6 +25,7 @@ block.py, shared with the simulated ring (simulated.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -34,7 +35,7 @@ from .block import RingSpec, backward_block, forward_block
 from .comm import DKV_TAG, KV_TAG, RingComm, group_info, pack, unpack
 from .errors import refuse_double_backward
 from .merge import acc_dtype
-from .validate import agree_on_backward, agree_on_inputs
+from .validate import agree_on_backward, agree_on_inputs, rows_nonfinite
 
 Tensor = torch.Tensor
 
@@ -68,7 +69,12 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
     if comm is None:
         refuse_double_backward()
     else:
-        agree_on_backward(comm.info, spec.call, dout, torch.is_grad_enabled())
+        rows_flag = rows_nonfinite(q, None, dout, out)
+        if agree_on_backward(comm.info, spec.call, dout, torch.is_grad_enabled(),
+                             rows_flag) and not spec.rows_nonfinite:
+            # A non-finite dout or out reaches every key's gradient (0 * NaN): compute
+            # the blocks the forward skipped.
+            spec = dataclasses.replace(spec, rows_nonfinite=True)
     dt = acc_dtype(q.dtype)
     shapes = [k.shape, v.shape]
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
@@ -162,6 +168,6 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool
                              scale=scale, dropout_p=dropout_p, layout=layout, info=info)
     spec = RingSpec(info.rank, info.world_size, layout, is_causal, agreed.scale,
                     agreed.dropout_p, agreed.seed, query.size(2), agreed.kv_nonfinite,
-                    agreed.call)
+                    agreed.rows_nonfinite, agreed.call)
     comm = RingComm(info) if info.world_size > 1 else None
     return _RingAttention.apply(query, key, value, agreed.mask, spec, comm)

@@ -24,7 +24,9 @@ A block is skipped, or narrowed to its unmasked part, only when the K/V shard it
 finite: torch's math backend masks additively, so a NaN or inf in a masked (even a future)
 key or value still reaches the output (NaN score + -inf = NaN; 0 * NaN = NaN). When the
 source's shard may hold NaN/inf (`source_nonfinite`, agreed across ranks in validate.py),
-its block is computed whole with the causal mask on global positions, as the diagonal is.
+or when this rank's query rows may meet a NaN there (`rows_nonfinite`: a NaN/inf in q, or
+in the backward in dout or out, or a NaN/+inf float mask), the block is computed whole with
+the causal mask on global positions, as the diagonal is.
 
 Everything here is pure (rank, step, world size, layout, causal, S_local) -> plan, tested
 without a process group in tests/test_schedule.py.
@@ -88,11 +90,13 @@ def plan_step(rank: int, step: int, world_size: int, layout: str, is_causal: boo
 
 
 def ring_plan(rank: int, world_size: int, layout: str, is_causal: bool, s_local: int,
-              kv_nonfinite: tuple[bool, ...] = ()) -> list[BlockStep]:
+              kv_nonfinite: tuple[bool, ...] = (),
+              rows_nonfinite: bool = False) -> list[BlockStep]:
     """rank's blocks for steps 0 .. P-1. Step 0 is always the whole local block, so the
     forward can start its accumulators from it. kv_nonfinite[s]: rank s's K/V shard may
-    hold NaN/inf (empty: all finite)."""
+    hold NaN/inf (empty: all finite); rows_nonfinite: rank's own query rows may."""
     def nonfinite(t: int) -> bool:
-        return bool(kv_nonfinite) and kv_nonfinite[source_rank(rank, t, world_size)]
+        return rows_nonfinite or (bool(kv_nonfinite) and
+                                  kv_nonfinite[source_rank(rank, t, world_size)])
     return [plan_step(rank, t, world_size, layout, is_causal, s_local, nonfinite(t))
             for t in range(world_size)]

@@ -13,6 +13,7 @@ or CUDA tensors alike, and to measure how the error grows with P.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -22,7 +23,7 @@ from .errors import RingAttnError, refuse_double_backward
 from .functional import check_bool, draw_seed, validate_inputs
 from .layout import check_global_length, check_layout, shard_tensor, unshard_tensors
 from .merge import acc_dtype
-from .validate import kv_nonfinite
+from .validate import kv_nonfinite, rows_nonfinite
 
 Tensor = torch.Tensor
 
@@ -47,6 +48,12 @@ class _SimulatedRing(torch.autograd.Function):
         masks = [None if mask is None else
                  mask if mask.size(2) == 1 else shard_tensor(mask, r, p, layout)
                  for r in range(p)]
+        if specs[0].is_causal:
+            # Each virtual rank's flags, as validate.py agrees on them in the real ring.
+            kv = tuple(bool(kv_nonfinite(ks[r], vs[r])) for r in range(p))
+            specs = [replace(sp, kv_nonfinite=kv,
+                             rows_nonfinite=bool(rows_nonfinite(qs[r], masks[r])))
+                     for r, sp in enumerate(specs)]
         accs: list = [None] * p
         for t in range(p):
             for r in range(p):
@@ -67,6 +74,11 @@ class _SimulatedRing(torch.autograd.Function):
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (saved[i * p:(i + 1) * p] for i in range(5))
         douts = [shard_tensor(dout, r, p, layout) for r in range(p)]
+        if specs[0].is_causal:  # as ring.py's backward: non-finite dout or out rows
+            specs = [replace(sp, rows_nonfinite=True)
+                     if not sp.rows_nonfinite and bool(rows_nonfinite(qs[r], None, douts[r],
+                                                                      outs[r])) else sp
+                     for r, sp in enumerate(specs)]
         dt = acc_dtype(qs[0].dtype)
         dq = [torch.zeros(x.shape, dtype=dt, device=x.device) for x in qs]
         dk = [torch.zeros(x.shape, dtype=dt, device=x.device) for x in ks]
@@ -111,12 +123,7 @@ def simulated_ring_attention(query: Tensor, key: Tensor, value: Tensor, *, world
     mask = None if attn_mask is None else _mask_4d(attn_mask, query.size(0), query.size(1), s)
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed()
-    # Each virtual rank's "my K/V shard may hold NaN/inf" flag, as validate.py agrees on
-    # it in the real ring (only a causal schedule skips blocks).
-    flags = tuple(is_causal and bool(kv_nonfinite(shard_tensor(key, r, world_size, layout),
-                                                  shard_tensor(value, r, world_size, layout)))
-                  for r in range(world_size))
     specs = [RingSpec(r, world_size, layout, is_causal, scale, dropout_p,
-                      seed if dropout_p > 0.0 else None, s // world_size, flags)
+                      seed if dropout_p > 0.0 else None, s // world_size)
              for r in range(world_size)]
     return _SimulatedRing.apply(query, key, value, mask, specs)

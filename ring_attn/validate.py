@@ -7,8 +7,10 @@ vector describing them (fixed length, so the collective itself cannot mismatch),
 every rank compares all of them. A rank whose own check failed reports it through the
 same vector, so all ranks raise together, each naming the rank at fault: never a hang.
 The same collective carries rank 0's dropout seed to everyone, each rank's "my K/V shard
-may hold NaN/inf" flag (the schedule may skip a block only if its K/V are finite: a masked
-NaN key still makes rows NaN, as in torch's math backend), and a per-group call number.
+may hold NaN/inf" flag and its "my query rows may be non-finite" flag (the schedule may
+skip a block only if its K/V and its query rows are finite: a masked NaN key still makes
+rows NaN in torch's math backend, whose masking is additive), and a per-group call
+number.
 
 The call number makes the backward agree too: each backward starts with one more small
 all_gather of a vector of the same length (so it pairs safely even with a forward's),
@@ -39,14 +41,15 @@ Tensor = torch.Tensor
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool]
 _DEVICES = ["cpu", "cuda"]
-# (name, how to show a value); the vector is [MAGIC, error flag, *fields, seed, K/V flag].
+# (name, how to show a value); the vector is
+# [MAGIC, error flag, *fields, seed, K/V flag, query-rows flag].
 _FIELDS = ["ring call number", "batch", "query heads", "key/value heads", "head dim", "value head dim",
            "query shard length", "key/value shard length", "dtype", "device type", "layout",
            "is_causal", "scale", "dropout_p", "attn_mask presence", "attn_mask dtype",
            "attn_mask key length"]
 _MAGIC = 0x52494E47  # "RING": tells our vector from garbage when debugging a hang
 _MAGIC_BWD = 0x52494E42  # "RINB": the backward's vector (same length as the forward's)
-_ROW = 2 + len(_FIELDS) + 2
+_ROW = 2 + len(_FIELDS) + 3
 # The backward's fields, at the same offsets (the rest of its vector is zeros).
 _BWD_FIELDS = ["the ring call whose backward runs (every rank must run the backwards of its "
                "ring calls in the same order)", "create_graph", "dout dim 0", "dout dim 1", "dout dim 2",
@@ -78,6 +81,7 @@ class Agreed:
     mask: Optional[Tensor]   # attn_mask as 4-D [B|1, H|1, S_local|1, S]
     call: int                # this call's number in its group, the same on every rank
     kv_nonfinite: tuple[bool, ...]  # per rank: its K/V shard may hold NaN/inf
+    rows_nonfinite: bool     # this rank's queries (or float mask) may hold NaN/+inf
 
 
 class RingInputError(RingAttnError):
@@ -93,6 +97,22 @@ def kv_nonfinite(k: Tensor, v: Tensor) -> Tensor:
     skipped blocks' compute (masked finite keys contribute exactly 0)."""
     dt = acc_dtype(k.dtype)
     return torch.isfinite(k.sum(dtype=dt) + v.sum(dtype=dt)).logical_not()
+
+
+def rows_nonfinite(q: Tensor, mask: Optional[Tensor] = None, *more: Tensor) -> Tensor:
+    """0-D bool tensor, True if this rank's query rows may meet a NaN in a block the
+    schedule would skip: q (or, in the backward, dout and out) holds NaN/inf, or a float
+    mask holds NaN/+inf (-inf is plain masking). A +inf query against a masked key gives
+    +inf + (-inf) = NaN in torch's math backend; a non-finite out or dout makes the
+    backward's delta non-finite, and 0 * NaN reaches every key's gradient. No host sync."""
+    dt = acc_dtype(q.dtype)
+    total = q.sum(dtype=dt)
+    for t in more:
+        total = total + t.sum(dtype=dt)
+    bad = torch.isfinite(total).logical_not()
+    if mask is not None and mask.dtype != torch.bool:
+        bad = bad | mask.isnan().any() | mask.isposinf().any()
+    return bad
 
 
 def _bits(x: float) -> int:
@@ -225,14 +245,16 @@ def _wire_device(info: GroupInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def _gather(row: list[int], info: GroupInfo, flag: Optional[Tensor] = None) -> list[list[int]]:
-    """all_gather one fixed-length int64 row per rank (flag, a 0-D tensor, fills the last
-    slot without a host sync of its own); the .tolist() is the one host sync."""
-    if info.world_size == 1 and flag is None:
+def _gather(row: list[int], info: GroupInfo, flags: Optional[Tensor] = None
+            ) -> list[list[int]]:
+    """all_gather one fixed-length int64 row per rank (flags, a 1-D tensor on any device,
+    fills the last slots without a host sync of its own); the .tolist() is the one host
+    sync."""
+    if info.world_size == 1 and flags is None:
         return [row]
     mine = torch.tensor(row, dtype=torch.int64, device=_wire_device(info))
-    if flag is not None:
-        mine[-1:].copy_(flag.reshape(1))
+    if flags is not None:
+        mine[-flags.numel():].copy_(flags)
     if info.world_size == 1:
         return [mine.cpu().tolist()]
     gathered = [torch.empty_like(mine) for _ in range(info.world_size)]
@@ -269,14 +291,14 @@ def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
     error's type). Returns the agreed scale, seed, mask, call number and K/V flags."""
     call = _next_call(info)  # advanced on every call, whatever happens, on every rank
     error: Optional[BaseException] = None
-    mask4, flag = None, None
+    mask4, flags = None, None
     try:
         mask4, scale, dropout_p = _local_check(q, k, v, mask, is_causal=is_causal,
                                                scale=scale, dropout_p=dropout_p,
                                                layout=layout, info=info)
         fields = _describe(call, q, k, v, mask, is_causal=is_causal, scale=scale,
                            dropout_p=dropout_p, layout=layout)
-        flag = kv_nonfinite(k, v)
+        flags = torch.stack([kv_nonfinite(k, v), rows_nonfinite(q, mask)])
     except RingAttnException as e:
         if info.world_size == 1:
             raise
@@ -284,8 +306,8 @@ def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
     # Every rank draws (keeping torch's generator in step across ranks); rank 0's is used.
     seed = int(draw_seed()) if dropout_p > 0.0 and error is None else 0
     # One rank needs no flags: its step 0 (its own block) is never skipped.
-    rows = _gather([_MAGIC, int(error is not None), *fields, seed, 0], info,
-                   flag if info.world_size > 1 else None)
+    rows = _gather([_MAGIC, int(error is not None), *fields, seed, 0, 0], info,
+                   flags if info.world_size > 1 else None)
     try:
         _check_phase(rows, _MAGIC, info)
     except RingInputError:
@@ -303,21 +325,23 @@ def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
         raise RingInputError(f"ring_attn: rank(s) {bad} rejected their inputs (see the error "
                              f"raised there); this rank ({info.rank}) stops too")
     _check_equal(rows, _FIELDS, _show)
-    seed_t = torch.tensor(rows[0][-2], dtype=torch.int64) if dropout_p > 0.0 else None
+    seed_t = torch.tensor(rows[0][-3], dtype=torch.int64) if dropout_p > 0.0 else None
     return Agreed(float(scale), dropout_p, seed_t, mask4, call,
-                  tuple(bool(row[-1]) for row in rows))
+                  tuple(bool(row[-2]) for row in rows), bool(rows[info.rank][-1]))
 
 
-def agree_on_backward(info: GroupInfo, call: int, dout: Tensor, create_graph: bool) -> None:
+def agree_on_backward(info: GroupInfo, call: int, dout: Tensor, create_graph: bool,
+                      rows_flag: Tensor) -> bool:
     """Start of a ring backward: one small all_gather (a vector of the forward's length,
     so a rank still in a forward pairs with it safely) checks that every rank is in the
     backward of the same ring call, with dout of the same shape and dtype, and that none
     asks for a double backward. Raises on every rank otherwise, before any K/V moves.
-    Cost: one all_gather of 20 int64 per backward (about 0.1 ms on gloo) and, on NCCL,
-    the host sync of reading it back."""
+    Cost: one all_gather of 22 int64 per backward (about 0.1 ms on gloo) and, on NCCL,
+    the host sync of reading it back. rows_flag (0-D, rows_nonfinite of this rank's q,
+    dout, out) rides in the last slot; returns it as a bool, read with the same sync."""
     fields = [call, int(create_graph), *dout.shape, _DTYPES.index(dout.dtype)]
     row = [_MAGIC_BWD, int(create_graph), *fields]
-    rows = _gather(row + [0] * (_ROW - len(row)), info)
+    rows = _gather(row + [0] * (_ROW - len(row)), info, rows_flag.reshape(1))
     _check_phase(rows, _MAGIC_BWD, info)
     if create_graph:
         raise RingAttnError(DOUBLE_BACKWARD)
@@ -329,3 +353,4 @@ def agree_on_backward(info: GroupInfo, call: int, dout: Tensor, create_graph: bo
     def show(name: str, value: int) -> str:
         return _show("dtype", value) if name == "dout dtype" else str(value)
     _check_equal(rows, _BWD_FIELDS, show)
+    return bool(rows[info.rank][-1])

@@ -164,11 +164,6 @@ def test_sdpa_matches_torch(c: dict[str, Any]) -> None:
     _check_sdpa_case(c, nonfinite=False)
 
 
-NEEDS_KERNELS = pytest.mark.xfail(
-    strict=True, reason="NaN/inf propagation in the CPU kernels (branch kernels-nan) "
-    "is not merged yet")
-
-
 @_settings(30)
 @given(c=sdpa_case(nonfinite=True))
 def test_sdpa_nonfinite_matches_math(c: dict[str, Any]) -> None:
