@@ -299,7 +299,8 @@ def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
         fields = _describe(call, q, k, v, mask, is_causal=is_causal, scale=scale,
                            dropout_p=dropout_p, layout=layout)
         flags = torch.stack([kv_nonfinite(k, v), rows_nonfinite(q, mask)])
-    except RingAttnException as e:
+    except (RingAttnException, TypeError, ValueError, IndexError, NotImplementedError) as e:
+        # (ValueError: layout.py's checks of the layout and the shard length.)
         if info.world_size == 1:
             raise
         error, fields, dropout_p = e, [-1] * len(_FIELDS), 0.0

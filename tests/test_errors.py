@@ -296,3 +296,28 @@ def test_op_bad_input_raises(name: str) -> None:
     kwargs, match = OP_BAD[name]()
     with pytest.raises(RuntimeError, match=match):
         ops.attn_fwd(**kwargs)
+
+
+def _double_backward_cases():
+    from ring_attn.simulated import simulated_ring_attention
+    return {
+        "scaled_dot_product_attention": lambda q, k, v: ring_attn.scaled_dot_product_attention(
+            q, k, v, is_causal=True),
+        "ops.attn_fwd": lambda q, k, v: ops.attn_fwd(q, k, v, scale=0.5)[0],
+        "simulated_ring": lambda q, k, v: simulated_ring_attention(q, k, v, world_size=2,
+                                                                   is_causal=True),
+    }
+
+
+@pytest.mark.parametrize("name", ["scaled_dot_product_attention", "ops.attn_fwd",
+                                  "simulated_ring"])
+def test_double_backward_is_refused(name: str) -> None:
+    """create_graph=True raises at the first backward (never zeros or a graph-less
+    gradient); the plain backward of the same call still works."""
+    fn = _double_backward_cases()[name]
+    q, k, v = (_t(1, 2, 8, 4).requires_grad_() for _ in range(3))
+    with pytest.raises(RuntimeError, match=r"^ring_attn: double backward \(create_graph=True\) "
+                       r"is not supported$"):
+        torch.autograd.grad(fn(q, k, v).sum(), (q, k, v), create_graph=True)
+    grads = torch.autograd.grad(fn(q, k, v).sum(), (q, k, v))
+    assert all(g is not None and g.grad_fn is None for g in grads)

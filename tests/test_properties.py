@@ -21,7 +21,6 @@ import math
 from typing import Any, Optional
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, note, settings

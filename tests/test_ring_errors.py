@@ -54,6 +54,18 @@ def test_local_input_errors() -> None:
         _agree(q, k, v, torch.zeros(4, 4, dtype=torch.float64))
     with pytest.raises(RingAttnError, match="dropout_p"):
         _agree(q, k, v, dropout_p=1.0)
+    # Argument types as ring_attn.scaled_dot_product_attention (torch's exception types).
+    with pytest.raises(TypeError, match="is_causal must be bool, got int"):
+        _agree(q, k, v, is_causal=1)
+    with pytest.raises(TypeError, match="dropout_p must be a float.*str"):
+        _agree(q, k, v, dropout_p="0.1")
+    with pytest.raises(TypeError, match="scale must be a float.*str"):
+        _agree(q, k, v, scale="1")
+    with pytest.raises(TypeError, match="attn_mask must be a Tensor, got list"):
+        _agree(q, k, v, [[True] * 4] * 4)
+    with pytest.raises(IndexError, match="attn_mask must be at least 2-D"):
+        _agree(q, k, v, torch.ones(4, dtype=torch.bool))
+    assert _agree(q, k, v, dropout_p=torch.tensor(0.0)).dropout_p == 0.0  # as torch
     # A [1, 1, 1, S] key-padding mask broadcasts over queries: accepted, made 4-D.
     agreed = _agree(q, k, v, torch.ones(4, dtype=torch.bool).view(1, 1, 1, 4))
     assert agreed.mask.shape == (1, 1, 1, 4)
