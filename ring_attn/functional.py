@@ -6,7 +6,9 @@ for GQA when enable_gqa (and broadcast from a single head otherwise, as torch's 
 backend does), top-left causal alignment when L != S, bool or additive masks (bool,
 float32 or the query's dtype) broadcastable to [..., L, S], scale=None -> 1/sqrt(E),
 dropout applied whenever dropout_p > 0 with a seed drawn from torch's default generator.
-Rows whose keys are all masked out give 0 (as torch's public SDPA does). Meta tensors
+Rows whose keys are all masked out give 0 (as torch's public SDPA does); NaN/inf propagate
+exactly as in torch's math backend. Inputs torch rejects raise torch's exception type
+(errors.py); a double backward (create_graph=True) raises. Meta tensors
 give shapes only; under torch.compile the function traces without graph breaks.
 """
 from __future__ import annotations

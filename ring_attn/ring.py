@@ -160,8 +160,13 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool
     rank's loss (the loss of the whole sequence when each rank's loss covers its shard).
 
     Before any transfer, one all_gather checks that every rank agrees on shapes, dtype,
-    device type, layout, causal, scale, dropout and mask presence; a disagreement raises
-    on every rank, naming the rank that differs.
+    device type, layout, causal, scale, dropout, mask presence and the call's number in
+    the group; a disagreement raises on every rank, naming the rank that differs. The
+    backward starts with one more small all_gather: ranks in the backwards of different
+    calls (a different backward order), or asking for a double backward
+    (create_graph=True, not supported), raise on every rank before any K/V moves.
+    NaN/inf propagate as in torch's math backend on the full sequence (blocks of a
+    non-finite K/V shard, or of non-finite query rows, are computed, not skipped).
     """
     info = group_info(group)
     agreed = agree_on_inputs(query, key, value, attn_mask, is_causal=is_causal,

@@ -14,7 +14,11 @@ number.
 
 The call number makes the backward agree too: each backward starts with one more small
 all_gather of a vector of the same length (so it pairs safely even with a forward's),
-carrying the call number, create_graph and dout's shape and dtype. Ranks that run the
+carrying the call number, create_graph, dout's shape and dtype, and the rank's "dout or
+out may be non-finite" flag (which, like the forward's, forces blocks to be computed). This
+is not folded into the K/V messages: a header there would catch a swapped order only
+between calls of equal message sizes (other sizes fail or hang inside the transport), and
+could not refuse a double backward before K/V moves. Ranks that run the
 backwards of two ring calls in different orders (or one rank a forward while another a
 backward) would otherwise pair their K/V messages across calls and silently compute wrong
 gradients; now every rank raises before any K/V moves.
@@ -34,8 +38,8 @@ from .errors import (DOUBLE_BACKWARD, RingAttnError, RingAttnException,
                      RingAttnNotImplementedError)
 from .functional import (_has_kernel, check_bool, check_dropout_p, check_mask_type,
                          check_scale, check_tensor, draw_seed)
-from .merge import acc_dtype
 from .layout import LAYOUTS, check_layout
+from .merge import acc_dtype
 
 Tensor = torch.Tensor
 
@@ -43,8 +47,9 @@ _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bo
 _DEVICES = ["cpu", "cuda"]
 # (name, how to show a value); the vector is
 # [MAGIC, error flag, *fields, seed, K/V flag, query-rows flag].
-_FIELDS = ["ring call number", "batch", "query heads", "key/value heads", "head dim", "value head dim",
-           "query shard length", "key/value shard length", "dtype", "device type", "layout",
+_FIELDS = ["ring call number", "batch", "query heads", "key/value heads", "head dim",
+           "value head dim", "query shard length", "key/value shard length", "dtype",
+           "device type", "layout",
            "is_causal", "scale", "dropout_p", "attn_mask presence", "attn_mask dtype",
            "attn_mask key length"]
 _MAGIC = 0x52494E47  # "RING": tells our vector from garbage when debugging a hang
@@ -52,8 +57,8 @@ _MAGIC_BWD = 0x52494E42  # "RINB": the backward's vector (same length as the for
 _ROW = 2 + len(_FIELDS) + 3
 # The backward's fields, at the same offsets (the rest of its vector is zeros).
 _BWD_FIELDS = ["the ring call whose backward runs (every rank must run the backwards of its "
-               "ring calls in the same order)", "create_graph", "dout dim 0", "dout dim 1", "dout dim 2",
-               "dout dim 3", "dout dtype"]
+               "ring calls in the same order)", "create_graph", "dout dim 0", "dout dim 1",
+               "dout dim 2", "dout dim 3", "dout dtype"]
 
 # Ring calls so far, per process group: every rank of a group calls the ring in the same
 # order, so the n-th call has number n on every rank. Keyed by the group object (None and

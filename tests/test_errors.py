@@ -162,7 +162,8 @@ BAD: dict[str, Callable[[], tuple[dict[str, Any], type, str]]] = {
     "scale_complex": lambda: ({**_qkv(), "scale": 1j}, TypeError,
                               r"scale must be a float.*complex"),
     # is_causal / enable_gqa: torch's parser takes only a Python bool
-    "is_causal_int": lambda: ({**_qkv(), "is_causal": 1}, TypeError, r"is_causal must be bool, got int"),
+    "is_causal_int": lambda: ({**_qkv(), "is_causal": 1}, TypeError,
+                              r"is_causal must be bool, got int"),
     "is_causal_float": lambda: ({**_qkv(), "is_causal": 1.0}, TypeError,
                                 r"is_causal must be bool, got float"),
     "is_causal_str": lambda: ({**_qkv(), "is_causal": "yes"}, TypeError,
@@ -191,7 +192,8 @@ BAD = {k: f for k, f in BAD.items() if f is not None}
 # Inputs torch lets through that we refuse with a clear RuntimeError (RingAttnError)
 # rather than compute something we cannot make exact: name -> (kwargs, regex).
 BEYOND: dict[str, Callable[[], tuple[dict[str, Any], str]]] = {
-    "dropout_p_one": lambda: ({**_qkv(), "dropout_p": 1.0}, r"dropout_p must be in \[0, 1\), got 1.0"),
+    "dropout_p_one": lambda: ({**_qkv(), "dropout_p": 1.0},
+                              r"dropout_p must be in \[0, 1\), got 1.0"),
     "dropout_p_true": lambda: ({**_qkv(), "dropout_p": True}, r"dropout_p must be in \[0, 1\)"),
     "scale_nan": lambda: ({**_qkv(), "scale": float("nan")}, r"scale must be finite"),
     "scale_inf": lambda: ({**_qkv(), "scale": float("inf")}, r"scale must be finite"),

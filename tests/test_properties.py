@@ -175,7 +175,8 @@ def _bad_values(name: str) -> st.SearchStrategy:
     t = lambda *s, **kw: torch.zeros(*s, **kw)  # noqa: E731
     tensor_bad = st.sampled_from([
         ("list", lambda x: x.tolist()), ("None", lambda x: None), ("float", lambda x: 1.0),
-        ("str", lambda x: "q"), ("numpy", lambda x: x.numpy()), ("0-D", lambda x: x[(0,) * x.dim()]),
+        ("str", lambda x: "q"), ("numpy", lambda x: x.numpy()),
+        ("0-D", lambda x: x[(0,) * x.dim()]),
         ("1-D", lambda x: x.flatten()[:3]), ("int32", lambda x: x.int()),
         ("float64", lambda x: x.double()), ("bool", lambda x: x.bool()),
         ("complex", lambda x: x.to(torch.complex64)), ("meta", lambda x: x.to("meta")),
@@ -185,9 +186,11 @@ def _bad_values(name: str) -> st.SearchStrategy:
     pools = {
         "query": tensor_bad, "key": tensor_bad, "value": tensor_bad,
         "attn_mask": st.sampled_from([
-            ("int64", lambda x: t(5, 6, dtype=torch.int64)), ("float64", lambda x: t(5, 6).double()),
+            ("int64", lambda x: t(5, 6, dtype=torch.int64)),
+            ("float64", lambda x: t(5, 6).double()),
             ("float16", lambda x: t(5, 6).half()), ("rows", lambda x: t(4, 6)),
-            ("cols", lambda x: t(5, 7, dtype=torch.bool)), ("1-D", lambda x: t(6, dtype=torch.bool)),
+            ("cols", lambda x: t(5, 7, dtype=torch.bool)),
+            ("1-D", lambda x: t(6, dtype=torch.bool)),
             ("0-D", lambda x: torch.tensor(True)), ("list", lambda x: [[True] * 6] * 5),
             ("str", lambda x: "causal"), ("5-D", lambda x: t(1, 2, 4, 5, 6)),
             ("with is_causal", lambda x: t(5, 6, dtype=torch.bool))]),
