@@ -2,8 +2,9 @@
 NaN in a key that is causally in the future of every query (held by another rank) still
 makes those rows NaN, a non-finite V[j, c] makes column c NaN everywhere, a NaN query row
 stays in its row; out and gradients, for the simulated ring (P = 2 and 4, every layout)
-and gloo (P = 2); P = 1..4 with drawn shapes in tests/test_properties.py. The schedule must compute, not skip, blocks of a non-finite K/V shard
-(schedule.py), and the kernels must propagate like math (kernels-nan)."""
+and gloo (P = 2); tests/test_properties.py draws more (P = 1..4, shapes, masks). The
+schedule must compute, not skip, the blocks of a non-finite K/V shard or of non-finite
+query rows (schedule.py), and the kernels must propagate like math (kernels-nan)."""
 from __future__ import annotations
 
 import pytest
