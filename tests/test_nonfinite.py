@@ -13,6 +13,9 @@ every score is -inf.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from typing import Optional
 
 import pytest
@@ -246,3 +249,26 @@ def test_public_api_cpu() -> None:
 @pytest.mark.cuda
 def test_public_api_cuda() -> None:
     _check_public_api("cuda")
+
+
+_AVX2_SCRIPT = """
+import math, sys, torch
+sys.path.insert(0, {tests!r})
+import test_nonfinite as t
+for dtype in (torch.float32, torch.bfloat16):
+    t._check_injection("cpu", dtype, math.nan)
+t._check_skipped_tiles("cpu", torch.float32)
+print("ok")
+"""
+
+
+def test_avx2_path_cpu() -> None:
+    # ATEN_CPU_CAPABILITY=avx2: the at::vec row operations (exp_u20 with its NaN put back,
+    # the NaN-propagating max) and bfloat16 through float32 tiles.
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    env["PYTHONPATH"] = os.path.dirname(tests) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT.format(tests=tests)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("ok")
