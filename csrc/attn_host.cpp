@@ -109,12 +109,12 @@ at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, const at::Tensor&
 
 // AttnMaskParams::nonfinite (attn_params.h): one byte on the inputs' device, nonzero when
 // a value a skipped tile would read may be NaN or +-inf, computed with ATen ops and no
-// host sync. `sums`: tensors whose every element must be finite; their sum is non-finite
+// host sync. `sums`: tensors where any non-finite element counts; their sum is non-finite
 // iff an element is (inf + finite = inf, inf - inf = NaN, NaN propagates) or the sum
 // overflows (a false positive: speed only). `maxes`: tensors that may hold -inf (a float
 // mask, lse) but not NaN or +inf; at::maximum propagates NaN. Only causal calls skip
-// tiles, so the others pay nothing. Measured on the 2-core EPYC, one thread, float32
-// [1, 2, 4096, 64]: 0.08 ms for the forward's three sums, against ~30 ms for the forward.
+// tiles, so the others pay nothing. Measured on the 2-core EPYC, one thread, S=4096,
+// D=64, H=2: 0.13 ms for the whole flag against 50 ms for a causal float32 forward.
 void fill_nonfinite(bool causal, std::initializer_list<at::Tensor> sums,
                     std::initializer_list<at::Tensor> maxes, PreparedInputs& r,
                     AttnMaskParams& mp) {
@@ -122,7 +122,11 @@ void fill_nonfinite(bool causal, std::initializer_list<at::Tensor> sums,
   if (!causal) return;
   at::Tensor worst;  // max(|sum|, maxes...): below +inf iff nothing non-finite was seen
   for (const at::Tensor& t : sums) {
-    at::Tensor s = t.sum(t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    // float16 sums in float32 (65504 is a small sum); the others in their own dtype,
+    // whose range is float32's or more: bfloat16's own sum took 0.04 ms against 0.22 ms
+    // for sum(dtype=float32) at [1, 2, 4096, 64] on one core.
+    at::Tensor s = t.scalar_type() == at::kHalf ? t.sum(at::kFloat) : t.sum();
+    s = s.to(t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
     worst = worst.defined() ? worst + s : s;
   }
   worst = worst.abs();

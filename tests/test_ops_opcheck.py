@@ -173,3 +173,34 @@ def test_op_semantics_cpu(name: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("name", SEMANTIC_CASES)
 def test_op_semantics_cuda(name: str, dtype: torch.dtype) -> None:
     _check_semantics("cuda", name, dtype)
+
+
+def _check_dlse_validated(device: str) -> None:
+    """attn_bwd checks dlse like every other argument: shape [B, Hq, Sq] (a wrong one was
+    once silently sliced), floating dtype, q's device; RuntimeError (TORCH_CHECK, as torch
+    raises) naming it, the expected and the actual value."""
+    g = _gen(2)
+    q, k, v = (randn((2, 4, 13, 16), F32, g, device) for _ in range(3))
+    out, lse = ops.attn_fwd(q, k, v)
+    dout = randn(out.shape, F32, g, device)
+    for bad, expect in [(torch.zeros(2, 4, 14, device=device), "dlse must have shape"),
+                        (torch.zeros(2, 4, 13, 1, device=device), "dlse must have shape"),
+                        (torch.zeros(8, 13, device=device), "dlse must have shape"),
+                        (torch.zeros(2, 4, 13, dtype=torch.int64, device=device),
+                         "dlse must be a floating tensor")]:
+        with pytest.raises(RuntimeError, match=expect) as info:
+            ops.attn_bwd(dout, q, k, v, out, lse, bad)
+        assert "[2, 4, 13]" in str(info.value) or "Long" in str(info.value)
+    # The right shape still works and enters delta (dq changes with dlse).
+    dq0 = ops.attn_bwd(dout, q, k, v, out, lse, None)[0]
+    dq1 = ops.attn_bwd(dout, q, k, v, out, lse, torch.ones_like(lse))[0]
+    assert not torch.allclose(dq0, dq1)
+
+
+def test_dlse_validated_cpu() -> None:
+    _check_dlse_validated("cpu")
+
+
+@pytest.mark.cuda
+def test_dlse_validated_cuda() -> None:
+    _check_dlse_validated("cuda")

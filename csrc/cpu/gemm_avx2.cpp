@@ -21,30 +21,49 @@ inline __m256i lane_mask(int64_t left) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)), idx);
 }
 
+// One step p of the reduction into accumulator set acc.
 template <int MR, int NV>
+__attribute__((always_inline)) inline void step(__m256 (&acc)[MR][NV], const float* a,
+                                                int64_t a_rs, const float* bp, __m256i last) {
+  __m256 bv[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v)
+    bv[v] = v == NV - 1 ? _mm256_maskload_ps(bp + 8 * v, last) : _mm256_loadu_ps(bp + 8 * v);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const __m256 av = _mm256_broadcast_ss(a + r * a_rs);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+  }
+}
+
+// CH accumulator chains, summed pairwise at the end (as in gemm_avx512.cpp).
+template <int MR, int NV, int CH>
 __attribute__((always_inline)) inline void tile(int64_t K, const float* a, int64_t a_rs,
                                                 int64_t a_ps, const float* b, int64_t ldb,
                                                 float* c, int64_t ldc, float alpha,
                                                 float beta, __m256i last) {
-  __m256 acc[MR][NV];
+  __m256 acc[CH][MR][NV];
+#pragma GCC unroll 8
+  for (int h = 0; h < CH; ++h)
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
+    for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < K; ++p) {
-    const float* bp = b + p * ldb;
-    __m256 bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      bv[v] = v == NV - 1 ? _mm256_maskload_ps(bp + 8 * v, last) : _mm256_loadu_ps(bp + 8 * v);
-    const float* ap = a + p * a_ps;
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(ap + r * a_rs);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
-    }
+      for (int v = 0; v < NV; ++v) acc[h][r][v] = _mm256_setzero_ps();
+  int64_t p = 0;
+  for (; p + CH <= K; p += CH) {
+#pragma GCC unroll 8
+    for (int h = 0; h < CH; ++h) step<MR, NV>(acc[h], a + (p + h) * a_ps, a_rs, b + (p + h) * ldb, last);
   }
+  for (; p < K; ++p) step<MR, NV>(acc[0], a + p * a_ps, a_rs, b + p * ldb, last);
+#pragma GCC unroll 4
+  for (int w = 1; w < CH; w *= 2)
+#pragma GCC unroll 8
+    for (int h = 0; h + w < CH; h += 2 * w)
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[h][r][v] = _mm256_add_ps(acc[h][r][v], acc[h + w][r][v]);
   const __m256 va = _mm256_set1_ps(alpha);
   const __m256i all = _mm256_set1_epi32(-1);
 #pragma GCC unroll 16
@@ -53,34 +72,34 @@ __attribute__((always_inline)) inline void tile(int64_t K, const float* a, int64
     for (int v = 0; v < NV; ++v) {
       const __m256i mk = v == NV - 1 ? last : all;
       float* cp = c + r * ldc + 8 * v;
-      __m256 res = _mm256_mul_ps(acc[r][v], va);
+      __m256 res = _mm256_mul_ps(acc[0][r][v], va);
       if (beta != 0.f) res = _mm256_fmadd_ps(_mm256_set1_ps(beta), _mm256_maskload_ps(cp, mk), res);
       _mm256_maskstore_ps(cp, mk, res);
     }
   }
 }
 
-template <int NV, int MR>
+template <int NV, int MR, int CH>
 inline void rows_tail(int64_t rem, int64_t K, const float* a, int64_t a_rs, int64_t a_ps,
                       const float* b, int64_t ldb, float* c, int64_t ldc, float alpha,
                       float beta, __m256i last) {
   if constexpr (MR > 0) {
     if (rem == MR) {
-      tile<MR, NV>(K, a, a_rs, a_ps, b, ldb, c, ldc, alpha, beta, last);
+      tile<MR, NV, CH>(K, a, a_rs, a_ps, b, ldb, c, ldc, alpha, beta, last);
     } else {
-      rows_tail<NV, MR - 1>(rem, K, a, a_rs, a_ps, b, ldb, c, ldc, alpha, beta, last);
+      rows_tail<NV, MR - 1, CH>(rem, K, a, a_rs, a_ps, b, ldb, c, ldc, alpha, beta, last);
     }
   }
 }
 
-template <int NV, int MR>
+template <int NV, int MR, int CH = 1>
 void rows(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_ps, const float* b,
           int64_t ldb, float* c, int64_t ldc, float alpha, float beta, __m256i last) {
   int64_t r0 = 0;
   for (; r0 + MR <= M; r0 += MR)
-    tile<MR, NV>(K, a + r0 * a_rs, a_rs, a_ps, b, ldb, c + r0 * ldc, ldc, alpha, beta, last);
+    tile<MR, NV, CH>(K, a + r0 * a_rs, a_rs, a_ps, b, ldb, c + r0 * ldc, ldc, alpha, beta, last);
   if (r0 < M)
-    rows_tail<NV, MR - 1>(M - r0, K, a + r0 * a_rs, a_rs, a_ps, b, ldb, c + r0 * ldc, ldc,
+    rows_tail<NV, MR - 1, CH>(M - r0, K, a + r0 * a_rs, a_rs, a_ps, b, ldb, c + r0 * ldc, ldc,
                           alpha, beta, last);
 }
 
@@ -93,7 +112,15 @@ void gemm_bcast_avx2(int64_t M, int64_t N, int64_t K, float alpha, const float* 
     const int64_t nc = N - c0 < 16 ? N - c0 : 16;
     const float* bc = b + c0;
     float* cc = c + c0;
-    if (nc > 8) {
+    if (N <= 16) {
+      // Products at most 16 wide: several accumulator chains along K for accuracy, as
+      // in gemm_avx512.cpp (fewer than 16 keys in Q K^T, head dims <= 16 in P V).
+      if (nc > 8) {
+        rows<2, 1, 4>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, lane_mask(nc - 8));
+      } else {
+        rows<1, 1, 8>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, lane_mask(nc));
+      }
+    } else if (nc > 8) {
       rows<2, 6>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, lane_mask(nc - 8));
     } else {
       rows<1, 12>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, lane_mask(nc));

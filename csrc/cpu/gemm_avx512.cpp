@@ -27,30 +27,52 @@
 namespace ring_attn::cpu {
 namespace {
 
+// One step p of the reduction into accumulator set acc.
 template <int MR, int NV>
+__attribute__((always_inline)) inline void step(__m512 (&acc)[MR][NV], const float* a,
+                                                int64_t a_rs, const float* bp,
+                                                __mmask16 last) {
+  __m512 bv[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v)
+    bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, bp + 16 * v) : _mm512_loadu_ps(bp + 16 * v);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const __m512 av = _mm512_set1_ps(a[r * a_rs]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+  }
+}
+
+// CH independent accumulator chains (step p feeds chain p % CH), summed at the end: the
+// rounding error of a K-long sum grows like the chain length, so CH chains cut it by
+// about sqrt(CH) (see gemm_bcast_avx512 for where CH > 1).
+template <int MR, int NV, int CH>
 __attribute__((always_inline)) inline void tile(int64_t K, const float* a, int64_t a_rs,
                                                 int64_t a_ps, const float* b, int64_t ldb,
                                                 float* c, int64_t ldc, float alpha,
                                                 float beta, __mmask16 last) {
-  __m512 acc[MR][NV];
+  __m512 acc[CH][MR][NV];
+#pragma GCC unroll 4
+  for (int h = 0; h < CH; ++h)
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
+    for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < K; ++p) {
-    const float* bp = b + p * ldb;
-    __m512 bv[NV];
+      for (int v = 0; v < NV; ++v) acc[h][r][v] = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + CH <= K; p += CH) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, bp + 16 * v) : _mm512_loadu_ps(bp + 16 * v);
-    const float* ap = a + p * a_ps;
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(ap[r * a_rs]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-    }
+    for (int h = 0; h < CH; ++h) step<MR, NV>(acc[h], a + (p + h) * a_ps, a_rs, b + (p + h) * ldb, last);
   }
+  for (; p < K; ++p) step<MR, NV>(acc[0], a + p * a_ps, a_rs, b + p * ldb, last);
+#pragma GCC unroll 4
+  for (int w = 1; w < CH; w *= 2)  // pairwise: chain h += chain h + w
+#pragma GCC unroll 4
+    for (int h = 0; h + w < CH; h += 2 * w)
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[h][r][v] = _mm512_add_ps(acc[h][r][v], acc[h + w][r][v]);
   const __m512 va = _mm512_set1_ps(alpha);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
@@ -58,7 +80,7 @@ __attribute__((always_inline)) inline void tile(int64_t K, const float* a, int64
     for (int v = 0; v < NV; ++v) {
       const __mmask16 mk = v == NV - 1 ? last : __mmask16(0xFFFF);
       float* cp = c + r * ldc + 16 * v;
-      __m512 res = _mm512_mul_ps(acc[r][v], va);
+      __m512 res = _mm512_mul_ps(acc[0][r][v], va);
       if (beta != 0.f) res = _mm512_fmadd_ps(_mm512_set1_ps(beta), _mm512_maskz_loadu_ps(mk, cp), res);
       _mm512_mask_storeu_ps(cp, mk, res);
     }
@@ -66,27 +88,27 @@ __attribute__((always_inline)) inline void tile(int64_t K, const float* a, int64
 }
 
 // Rows [0, M) in blocks of MR, the remainder with a smaller compile-time block.
-template <int NV, int MR>
+template <int NV, int MR, int CH>
 inline void rows_tail(int64_t rem, int64_t K, const float* a, int64_t a_rs, int64_t a_ps,
                       const float* b, int64_t ldb, float* c, int64_t ldc, float alpha,
                       float beta, __mmask16 last) {
   if constexpr (MR > 0) {
     if (rem == MR) {
-      tile<MR, NV>(K, a, a_rs, a_ps, b, ldb, c, ldc, alpha, beta, last);
+      tile<MR, NV, CH>(K, a, a_rs, a_ps, b, ldb, c, ldc, alpha, beta, last);
     } else {
-      rows_tail<NV, MR - 1>(rem, K, a, a_rs, a_ps, b, ldb, c, ldc, alpha, beta, last);
+      rows_tail<NV, MR - 1, CH>(rem, K, a, a_rs, a_ps, b, ldb, c, ldc, alpha, beta, last);
     }
   }
 }
 
-template <int NV, int MR>
+template <int NV, int MR, int CH = 1>
 void rows(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_ps, const float* b,
           int64_t ldb, float* c, int64_t ldc, float alpha, float beta, __mmask16 last) {
   int64_t r0 = 0;
   for (; r0 + MR <= M; r0 += MR)
-    tile<MR, NV>(K, a + r0 * a_rs, a_rs, a_ps, b, ldb, c + r0 * ldc, ldc, alpha, beta, last);
+    tile<MR, NV, CH>(K, a + r0 * a_rs, a_rs, a_ps, b, ldb, c + r0 * ldc, ldc, alpha, beta, last);
   if (r0 < M)
-    rows_tail<NV, MR - 1>(M - r0, K, a + r0 * a_rs, a_rs, a_ps, b, ldb, c + r0 * ldc, ldc,
+    rows_tail<NV, MR - 1, CH>(M - r0, K, a + r0 * a_rs, a_rs, a_ps, b, ldb, c + r0 * ldc, ldc,
                           alpha, beta, last);
 }
 
@@ -106,7 +128,12 @@ void gemm_bcast_avx512(int64_t M, int64_t N, int64_t K, float alpha, const float
       case 4: rows<4, 6>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, last); break;
       case 3: rows<3, 8>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, last); break;
       case 2: rows<2, 12>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, last); break;
-      default: rows<1, 14>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, last); break;
+      // Up to 16 columns (fewer than 16 keys in Q K^T, head dims <= 16 in P V): 8 chains
+      // of 3 rows (24 accumulators) instead of one chain of 14. torch's MKL sgemm reduces
+      // such narrow products along K in vector lanes; one chain of D = 64 steps gave fp32
+      // out errors up to 5.2x torch's (RMS 2.9x) at logit std 4-120 with 2-8 keys, 4
+      // chains 4.3x, 8 chains 2.5x (RMS 1.55x): tests/test_accuracy_extreme.py.
+      default: rows<1, 3, 8>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, last); break;
     }
   }
 }

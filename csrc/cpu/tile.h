@@ -85,7 +85,7 @@ void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp
       const int64_t off = base + (i0 + r) * mp.stride[2] + j0 * sj;
       if (mp.kind == MaskKind::kBool) {
         const uint8_t* mrow = static_cast<const uint8_t*>(mp.ptr) + off;
-        for (int64_t c = 0; c < n; ++c) row[c] = mrow[c * sj] ? row[c] : row[c] + kNegInf;
+        for (int64_t c = 0; c < n; ++c) row[c] += mrow[c * sj] ? T(0) : kNegInf;
       } else {
         // A float mask is stored in the accumulation type T (attn_host.cpp converts it).
         const T* mrow = static_cast<const T*>(mp.ptr) + off;
@@ -97,7 +97,7 @@ void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp
     for (int64_t r = 0; r < m; ++r) {
       T* row = S + r * ldS;
       const int64_t q = qpos[i0 + r];
-      for (int64_t c = 0; c < n; ++c) row[c] = kpos[j0 + c] > q ? row[c] + kNegInf : row[c];
+      for (int64_t c = 0; c < n; ++c) row[c] += kpos[j0 + c] > q ? kNegInf : T(0);
     }
   }
 }
