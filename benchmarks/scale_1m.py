@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
              "sum_dk": torch.zeros(h, d, dtype=torch.float64, device=q.device)}
 
     flops = 4.0 * b * h * s * s * d / 2 * 3.5  # causal fwd + bwd, FlashAttention convention
-    print("\n| run | fwd s | bwd s | fwd+bwd TFLOP/s | peak GiB |")
+    print("\n| run | fwd s | bwd s | fwd+bwd TFLOP/s | peak GiB (inputs included) |")
     print("|---|---|---|---|---|")
     for name, r in (("ours", ours), ("torch SDPA", theirs)):
         total = r["fwd_s"] + r["bwd_s"]

@@ -9,8 +9,9 @@
 #             torch.cuda.get_device_capability(), MAX_JOBS = cores, bounded by memory),
 #             in place, no pip; then checks that the CUDA kernels are registered
 #   tests     the CUDA tests (pytest -m cuda); fails if none passed
-#   sanitize  benchmarks/sanitize_cuda.py --quick under compute-sanitizer memcheck,
-#             racecheck and synccheck (three steps)
+#   sanitize  benchmarks/sanitize_cuda.py under compute-sanitizer: memcheck on every case
+#             (masks, dropout, position maps and fp32 outputs each have their own
+#             addressing), racecheck and synccheck on the quick set (three steps)
 #   ring      the simulated ring on the GPU, P = 2, 4, 8, every layout, causal, GQA, bf16,
 #             fwd + bwd vs torch SDPA (benchmarks/gpu_ring_check.py)
 #   scale     1M-token causal bf16 fwd + bwd, 8-rank simulated ring, H=8, D=128: time, peak
@@ -187,7 +188,7 @@ if wants sanitize; then
     # No caching allocator: each tensor is its own cudaMalloc, so memcheck sees a read past
     # a tensor's end instead of it landing inside a larger cached block.
     run_step sanitize-memcheck 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SAN" --tool memcheck --error-exitcode 1 "$PY" benchmarks/sanitize_cuda.py --quick
+      "$SAN" --tool memcheck --error-exitcode 1 "$PY" benchmarks/sanitize_cuda.py
     run_step sanitize-racecheck 420 "$SAN" --tool racecheck --racecheck-report all \
       --error-exitcode 1 "$PY" benchmarks/sanitize_cuda.py --quick
     run_step sanitize-synccheck 300 "$SAN" --tool synccheck --error-exitcode 1 \
