@@ -67,6 +67,15 @@ def cuda_sources() -> list[str]:
     return sources + inst
 
 
+def archs_define(arch_list: str) -> str:
+    """-DRING_ATTN_CUDA_ARCHS=8.0/9.0+PTX: the architectures this build holds, for the
+    launcher's "no kernel for this GPU" error (C++: #define S(x) #x, #define XS(x) S(x),
+    XS(RING_ATTN_CUDA_ARCHS) is "8.0/9.0+PTX"). '/' because ';' or a space would end the
+    flag in the shell that ninja runs each compile in, and nvcc splits -D values at ','."""
+    archs = [a for a in re.split(r"[;\s]+", arch_list) if a]
+    return "-DRING_ATTN_CUDA_ARCHS=" + "/".join(archs)
+
+
 def extension():
     sources = [os.path.join("csrc", "ring_attn.cpp"), os.path.join("csrc", "attn_host.cpp")]
     cpu = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
@@ -75,7 +84,8 @@ def extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr",
+        nvcc = [archs_define(os.environ["TORCH_CUDA_ARCH_LIST"]),
+                "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
                 "-lineinfo", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
         if os.environ.get("RING_ATTN_HEAD_DIMS"):
@@ -91,5 +101,6 @@ def extension():
                         extra_compile_args={"cxx": BASE_CXX}, extra_link_args=["-fopenmp"])
 
 
-os.environ.setdefault("MAX_JOBS", "2")
-setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import it
+    os.environ.setdefault("MAX_JOBS", "2")
+    setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})

@@ -4,7 +4,7 @@ scripts/setup.sh agree on that default, and the torch range in pyproject.toml co
 the pinned torch and the one CI's compatibility step (and the GPU machines) use."""
 from __future__ import annotations
 
-import ast
+import importlib.util
 import os
 import re
 import subprocess
@@ -19,16 +19,16 @@ def _read(*parts: str) -> str:
         return f.read()
 
 
-def _default_archs() -> str:
-    for node in ast.parse(_read("setup.py")).body:
-        if isinstance(node, ast.Assign) and any(
-                getattr(t, "id", None) == "DEFAULT_CUDA_ARCHS" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise AssertionError("setup.py defines no DEFAULT_CUDA_ARCHS")
+def _setup_module():
+    """setup.py imported, not run (its setup() call is under `if __name__ == "__main__"`)."""
+    spec = importlib.util.spec_from_file_location("ring_attn_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_default_cuda_archs_embed_ptx(monkeypatch):
-    archs = _default_archs()
+    archs = _setup_module().DEFAULT_CUDA_ARCHS
     assert "8.0" in archs.split(";") and archs.endswith("9.0+PTX"), archs
     # scripts/setup.sh exports the same default when TORCH_CUDA_ARCH_LIST is unset.
     assert f'TORCH_CUDA_ARCH_LIST:-{archs}' in _read("scripts", "setup.sh")
@@ -42,6 +42,14 @@ def test_default_cuda_archs_embed_ptx(monkeypatch):
     assert "-gencode=arch=compute_90,code=compute_90" in flags, flags
     assert "-gencode=arch=compute_80,code=sm_80" in flags
     assert "-gencode=arch=compute_90,code=sm_90" in flags
+
+
+def test_archs_define_names_the_built_archs():
+    # The launcher's "no kernel image for this GPU" error names these; the value must
+    # survive a shell (ninja runs each compile through one) and nvcc: no ';', space or ','.
+    define = _setup_module().archs_define
+    assert define("8.0;9.0+PTX") == "-DRING_ATTN_CUDA_ARCHS=8.0/9.0+PTX"
+    assert define(" 8.6 9.0 ") == "-DRING_ATTN_CUDA_ARCHS=8.6/9.0"
 
 
 def _version(v: str) -> tuple[int, ...]:
