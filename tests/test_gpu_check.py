@@ -59,12 +59,21 @@ def test_gpu_check_usage_errors():
     assert proc.returncode == 2 and "unknown step 'lint'" in proc.stderr
 
 
-def test_ring_check_cpu_tiny(capsys):
+def _check_ring_check(device: str, capsys) -> None:
     ring = _load("gpu_ring_check")
     ring.parse_args(_script_args("gpu_ring_check"))  # what gpu_check.sh runs still parses
-    assert ring.main(["--device", "cpu", "--tiny", "--worlds", "2", "8"]) == 0
+    assert ring.main(["--device", device, "--tiny", "--worlds", "2", "8"]) == 0
     out = capsys.readouterr().out
     assert out.count("| ok |") == 6 and "FAIL" not in out  # 3 layouts x P = 2, 8
+
+
+def test_ring_check_cpu(capsys):
+    _check_ring_check("cpu", capsys)
+
+
+@pytest.mark.cuda
+def test_ring_check_cuda(capsys):
+    _check_ring_check("cuda", capsys)
 
 
 def test_ring_check_fails_on_a_wrong_ring(monkeypatch, capsys):
@@ -78,13 +87,22 @@ def test_ring_check_fails_on_a_wrong_ring(monkeypatch, capsys):
     assert "| FAIL: out, dq, dk, dv |" in capsys.readouterr().out
 
 
-def test_scale_case_cpu_tiny(capsys):
+def _check_scale_case(device: str, capsys) -> None:
     scale = _load("scale_1m")
     a = scale.parse_args(_script_args("scale_1m"))
     assert (a.seq, a.heads, a.head_dim, a.world) == (1 << 20, 8, 128, 8)
-    assert scale.main(["--device", "cpu", "--tiny"]) == 0
+    assert scale.main(["--device", device, "--tiny"]) == 0
     out = capsys.readouterr().out
     assert out.count("| ok |") == 4 and "# passed" in out
+
+
+def test_scale_case_cpu(capsys):
+    _check_scale_case("cpu", capsys)
+
+
+@pytest.mark.cuda
+def test_scale_case_cuda(capsys):
+    _check_scale_case("cuda", capsys)
 
 
 def test_scale_case_fails_on_a_wrong_ring(monkeypatch):
