@@ -3,7 +3,8 @@
 # that a change which only works on the pinned torch fails CI. The GPU machines this project
 # runs on carry torch 2.11.0+cu130 and no network; requirements.txt pins 2.15.0.
 #
-#   scripts/check_torch_compat.sh 2.11.0 [pytest args...]     (default: the whole suite)
+#   scripts/check_torch_compat.sh 2.11.0 [pytest args...]   (default: the whole suite;
+#   e.g. tests/test_build_config.py -x for a quick look)
 #
 # Nothing of the main environment changes: torch VERSION goes into its own venv
 # (.venv-torch<VERSION>/, git-ignored, reused on the next run when it already holds that
@@ -65,7 +66,8 @@ print(f"compat: ring_attn from {ring_attn.__file__} on torch {torch.__version__}
 EOF
 
 set +e
-env -u PYTHONPATH "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@"
+# No arguments: pyproject's testpaths (tests/), i.e. the whole suite.
+env -u PYTHONPATH "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 set -e
 cd "$ROOT"
