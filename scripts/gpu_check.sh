@@ -77,8 +77,9 @@ if wants build && [[ -z "$NVCC" ]]; then
 fi
 [[ -n "$NVCC" ]] && export PATH="$(dirname "$NVCC"):$PATH"
 SAN=$(command -v compute-sanitizer || true)
-[[ -z "$SAN" && -n "$NVCC" && -x "$(dirname "$NVCC")/compute-sanitizer" ]] && \
-  SAN="$(dirname "$NVCC")/compute-sanitizer"
+for c in bin/compute-sanitizer compute-sanitizer/compute-sanitizer; do  # toolkit layouts
+  [[ -z "$SAN" && -n "$NVCC" && -x "$(dirname "$NVCC")/../$c" ]] && SAN="$(dirname "$NVCC")/../$c"
+done
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
