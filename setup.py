@@ -3,7 +3,11 @@
 The CPU kernels always build. The CUDA kernels build whenever nvcc is found, decided by
 the toolchain, never by a visible GPU, so a CPU-only machine still compiles every kernel:
   RING_ATTN_CUDA=0            build CPU only, even with nvcc present
-  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0": A100 and H100/H200)
+  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0+PTX": sm_80 and sm_90
+                              machine code for A100 and H100/H200, plus compute_90 PTX
+                              that the driver JIT-compiles on any newer GPU, e.g.
+                              Blackwell sm_100/sm_120, which SASS alone would leave
+                              with "no kernel image is available")
   RING_ATTN_HEAD_DIMS         CUDA head dims to instantiate, e.g. "64;128" (default: all)
   MAX_JOBS                    parallel compile jobs (default 2: one nvcc job peaks near
                               3 GiB, so 2 jobs stay far inside a 24 GiB machine)
@@ -29,8 +33,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # it. Those files include every header *before* the pragma, so no inline function of a
 # shared header is ever emitted with AVX-512 code (the build sorts objects by name before
 # linking, so link order cannot be relied on to pick the baseline copy).
-# torch >= 2.10 headers need C++20, which cpp_extension adds itself; our kernel code stays
-# within C++17 so it also compiles where an older standard is forced.
+# torch 2.15's headers need C++20, 2.11's C++17; cpp_extension adds the right -std itself
+# (checked: both build here, scripts/check_torch_compat.sh), and our own code stays within
+# C++17 so it compiles under either.
+# sm_80 + sm_90 SASS, and compute_90 PTX so GPUs newer than sm_90 still get every kernel
+# (the PTX was checked to assemble for sm_100 and sm_120 with no spills). scripts/setup.sh
+# uses the same default; scripts/gpu_check.sh builds only the visible GPU's arch.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 BASE_CXX = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
 
 
@@ -59,6 +68,15 @@ def cuda_sources() -> list[str]:
     return sources + inst
 
 
+def archs_define(arch_list: str) -> str:
+    """-DRING_ATTN_CUDA_ARCHS=8.0/9.0+PTX: the architectures this build holds, for the
+    launcher's "no kernel for this GPU" error (C++: #define S(x) #x, #define XS(x) S(x),
+    XS(RING_ATTN_CUDA_ARCHS) is "8.0/9.0+PTX"). '/' because ';' or a space would end the
+    flag in the shell that ninja runs each compile in, and nvcc splits -D values at ','."""
+    archs = [a for a in re.split(r"[;\s]+", arch_list) if a]
+    return "-DRING_ATTN_CUDA_ARCHS=" + "/".join(archs)
+
+
 def extension():
     sources = [os.path.join("csrc", "ring_attn.cpp"), os.path.join("csrc", "attn_host.cpp")]
     cpu = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
@@ -66,8 +84,9 @@ def extension():
     sources += [f for f in cpu if f.endswith("_avx512.cpp")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr",
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        nvcc = [archs_define(os.environ["TORCH_CUDA_ARCH_LIST"]),
+                "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
                 "-lineinfo", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
         if os.environ.get("RING_ATTN_HEAD_DIMS"):
@@ -83,5 +102,6 @@ def extension():
                         extra_compile_args={"cxx": BASE_CXX}, extra_link_args=["-fopenmp"])
 
 
-os.environ.setdefault("MAX_JOBS", "2")
-setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import it
+    os.environ.setdefault("MAX_JOBS", "2")
+    setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})

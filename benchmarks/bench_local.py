@@ -7,7 +7,12 @@ ceiling (a large torch.matmul in the same dtype) and reports our fraction of it.
 
 CUDA (--device cuda): forward and backward separately, bfloat16/float16, D in {64, 128,
 256}, S in {1k .. 16k}, against torch SDPA restricted to its flash and cuDNN backends;
-configurations a backend rejects are reported as skipped.
+configurations a backend rejects are reported as skipped. TFLOP/s, ref/ours per backend,
+and our fraction of the GPU's bf16/fp16 matmul ceiling (8192^3 torch.matmul, same run).
+--tokens N sets B = N / S per sequence length (FlashAttention's benchmarks keep B*S fixed,
+so short sequences still fill the GPU). scripts/gpu_check.sh runs:
+  python benchmarks/bench_local.py --device cuda --dtype bfloat16 --head-dim 64 128 \
+      --seq 2048 4096 8192 16384 32768 --mode fwd bwd --tokens 32768 --iters 10 --markdown
 
 FLOPs follow the FlashAttention convention: forward 4*B*H*Sq*Sk*D, halved when causal;
 backward 2.5x forward, so forward+backward is 3.5x.
@@ -39,6 +44,7 @@ class Row:
     mode: str
     dtype: str
     seq: int
+    batch: int
     head_dim: int
     causal: bool
     ours_ms: Optional[float]
@@ -154,7 +160,8 @@ def run_cpu(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
                                       mode),
                              cpu_step(F.scaled_dot_product_attention, q, k, v, causal, mode)],
                             args.min_time, args.iters)
-                        rows.append(Row(mode, name, s, d, causal, ours, ref, "torch",
+                        rows.append(Row(mode, name, s, args.batch, d, causal, ours, ref,
+                                        "torch",
                                         attn_flops(args.batch, args.heads, s, d, causal, mode)))
                         print_row(rows[-1], ceilings.get(name), args.markdown)
     return rows, ceilings
@@ -169,10 +176,11 @@ def run_cuda(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
     for name in args.dtype:
         dtype = DTYPES[name]
         for s in args.seq:
+            b = max(1, args.tokens // s) if args.tokens else args.batch
             for d in args.head_dim:
                 for causal in args.causal:
                     for mode in args.mode:
-                        q, k, v = make_inputs(args.batch, args.heads, s, d, dtype, "cuda",
+                        q, k, v = make_inputs(b, args.heads, s, d, dtype, "cuda",
                                               mode != "fwd")
                         ours_note = ""
                         try:
@@ -189,9 +197,9 @@ def run_cuda(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
                             except RuntimeError as e:  # backend rejects this config
                                 ref = None
                                 note = f"{bname} skipped: {str(e).splitlines()[0][:60]}"
-                            rows.append(Row(mode, name, s, d, causal, ours, ref, bname,
-                                            attn_flops(args.batch, args.heads, s, d, causal,
-                                                       mode), note))
+                            rows.append(Row(mode, name, s, b, d, causal, ours, ref, bname,
+                                            attn_flops(b, args.heads, s, d, causal, mode),
+                                            note))
                             print_row(rows[-1], ceilings.get(name), args.markdown)
     return rows, ceilings
 
@@ -217,7 +225,7 @@ def cuda_mode_ms(attn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Te
 
 
 def header(unit: str) -> tuple[str, ...]:
-    return ("mode", "dtype", "S", "D", "causal", "ours ms", "ref", "ref ms", f"ours {unit}",
+    return ("mode", "dtype", "S", "B", "D", "causal", "ours ms", "ref", "ref ms", f"ours {unit}",
             f"ref {unit}", "ref/ours", "ours % matmul")
 
 
@@ -230,7 +238,7 @@ def format_row(r: Row, ceiling: Optional[float], tflops: bool) -> list[str]:
     frac = ours_rate * unit / 1e9 / ceiling * 100 if ceiling else float("nan")
     ratio = (r.ref_ms / r.ours_ms) if (r.ref_ms and r.ours_ms) else float("nan")
     fmt = (lambda x: f"{x:.1f}") if tflops else (lambda x: f"{x:.0f}")
-    return [r.mode, r.dtype, str(r.seq), str(r.head_dim), "yes" if r.causal else "no",
+    return [r.mode, r.dtype, str(r.seq), str(r.batch), str(r.head_dim), "yes" if r.causal else "no",
             f"{r.ours_ms:.1f}" if r.ours_ms else "-", r.ref_name,
             f"{r.ref_ms:.1f}" if r.ref_ms else "-", fmt(ours_rate), fmt(rate(r.ref_ms)),
             f"{ratio:.2f}" if not math.isnan(ratio) else (r.note or "-"), f"{frac:.0f}%"]
@@ -257,7 +265,7 @@ def print_row(r: Row, ceiling: Optional[float], markdown: bool, tflops: bool = F
         print("  ".join(f"{c:>12}" for c in cells), flush=True)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="S=1k and 4k, D=64, both dtypes")
@@ -267,12 +275,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--causal", nargs="+", choices=("yes", "no"), default=("no", "yes"))
     p.add_argument("--mode", nargs="+", choices=("fwd", "bwd", "fwdbwd"), default=None)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=None,
+                   help="CUDA: batch = tokens // S per sequence length (overrides --batch)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--iters", type=int, default=5, help="max timed calls per config")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per config (CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--markdown", action="store_true", help="print a README-ready table")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     cuda = a.device == "cuda"
     a.dtype = a.dtype or (["bfloat16", "float16"] if cuda else ["float32", "bfloat16"])
     a.seq = a.seq or ([1024, 4096] if a.quick else
@@ -281,14 +291,16 @@ def parse_args() -> argparse.Namespace:
     a.mode = a.mode or (["fwd", "bwd"] if cuda else ["fwd", "fwdbwd"])
     if not cuda and "bwd" in a.mode:
         p.error("--mode bwd is CUDA only (on CPU use fwdbwd)")
+    if not cuda and a.tokens:
+        p.error("--tokens is CUDA only (on CPU use --batch)")
     a.causal = [c == "yes" for c in a.causal]
     if a.threads:
         torch.set_num_threads(a.threads)
     return a
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("bench_local: --device cuda needs a CUDA GPU")
@@ -297,19 +309,21 @@ def main() -> None:
         device_name = f"{cpu_model()}, {torch.get_num_threads()} threads"
     print(f"# device: {device_name}")
     print(f"# torch {torch.__version__}, ring_attn {ring_attn.__version__}; "
-          f"B={args.batch}, H={args.heads}; FLOPs: fwd 4*B*H*S^2*D (/2 causal), "
+          f"B={f'{args.tokens} // S' if args.tokens else args.batch}, H={args.heads}; FLOPs: fwd 4*B*H*S^2*D (/2 causal), "
           f"fwd+bwd 3.5x fwd")
     rows, ceilings = (run_cuda if args.device == "cuda" else run_cpu)(args)
     unit = "TFLOP/s" if args.device == "cuda" else "GFLOP/s"
     for name, c in ceilings.items():
         shown = c / 1e3 if args.device == "cuda" else c
         print(f"# matmul ceiling {name}: {shown:.1f} {unit} (square torch.matmul, same run)")
-    if rows:
-        ratios = [r.ref_ms / r.ours_ms for r in rows if r.ref_ms and r.ours_ms]
-        if ratios:
-            geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
-            print(f"# ref/ours: geometric mean {geo:.2f}, min {min(ratios):.2f}, "
-                  f"max {max(ratios):.2f} over {len(ratios)} configs")
+    for ref_name in sorted({r.ref_name for r in rows}):
+        for mode in args.mode:
+            ratios = [r.ref_ms / r.ours_ms for r in rows
+                      if r.ref_name == ref_name and r.mode == mode and r.ref_ms and r.ours_ms]
+            if ratios:
+                geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+                print(f"# {mode} ref/ours vs {ref_name}: geometric mean {geo:.2f}, min "
+                      f"{min(ratios):.2f}, max {max(ratios):.2f} over {len(ratios)} configs")
 
 
 if __name__ == "__main__":

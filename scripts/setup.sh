@@ -17,7 +17,8 @@ if [[ "${RING_ATTN_CUDA:-auto}" != "0" ]] && command -v nvcc >/dev/null; then
          "the majors must match (or set RING_ATTN_CUDA=0 for a CPU-only build)" >&2
     exit 1
   fi
-  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+  # Same default as setup.py: sm_80/sm_90 machine code + compute_90 PTX for newer GPUs.
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
   echo "setup: building CPU and CUDA kernels (CUDA $cuda_nvcc, archs $TORCH_CUDA_ARCH_LIST)"
 else
   echo "setup: building CPU kernels only"
