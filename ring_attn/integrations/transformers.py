@@ -93,6 +93,12 @@ def _make_mask_function(group: Any, layout: str) -> Callable[..., Optional[Tenso
         """transformers' mask hook: a [B, 1, 1, S] bool key mask (True = attend), or None.
         Causality is NOT in it: the kernel applies it on global positions."""
         s = q_length * group_info(group).world_size
+        past = q_offset if isinstance(q_offset, int) else 0  # a tensor only for static caches
+        if kv_length not in (q_length, s) or past != 0:
+            raise NotImplementedError(
+                f"ring_attn: transformers sizes the mask for {kv_length} keys and {q_length} "
+                "queries per rank: a KV cache with earlier tokens (past_key_values, decoding) "
+                "cannot be used with sequence shards; run with use_cache=False or an empty cache")
         window_noop = local_size is not None and not use_vmap and s <= local_size
         if mask_function is not causal_mask_function and not window_noop:
             name = type(config).__name__ if config is not None else "the model's config"
