@@ -65,6 +65,8 @@ def _batch(pad: str, seed: int = 7) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (2, S), generator=g)
     mask = torch.ones(2, S, dtype=torch.long)
+    # Right padding alone cannot show a lost key mask (padded keys follow every real query,
+    # so causality already hides them); left padding can.
     if pad == "right":
         mask[1, -7:] = 0
     elif pad == "both":   # row 0 left-padded, row 1 right-padded
@@ -188,24 +190,27 @@ CASES_P2 = [
     # No padding, use_cache=False: zigzag positions used to look like packed sequences.
     dict(arch="llama", dtype=F32, pad="none", layout="zigzag"),
     # The README one-liner without position_ids: RoPE must still see global positions.
-    dict(arch="llama", dtype=F32, pad="right", layout="zigzag", drop=("position_ids",)),
-    dict(arch="qwen2", dtype=F32, pad="right", layout="zigzag", ckpt="non_reentrant"),
+    dict(arch="llama", dtype=F32, pad="both", layout="zigzag", drop=("position_ids",)),
+    dict(arch="qwen2", dtype=F32, pad="both", layout="zigzag", ckpt="non_reentrant"),
     dict(arch="qwen2", dtype=F32, pad="none", layout="contiguous", ckpt="reentrant"),
-    dict(arch="gemma", dtype=F32, pad="right", layout="zigzag", ckpt="reentrant"),
+    dict(arch="gemma", dtype=F32, pad="both", layout="zigzag", ckpt="reentrant"),
     dict(arch="gemma", dtype=F32, pad="none", layout="contiguous", use_cache=True),
     # A sliding window no shorter than the sequence changes nothing: exact.
     dict(arch="mistral", dtype=F32, pad="right", layout="zigzag", window=S),
     # torch.compile: exact, and the graph breaks left are only at the ring call.
-    dict(arch="llama", dtype=F32, pad="right", layout="zigzag", compiled=True, layers=1),
-    dict(arch="llama", dtype=BF16, pad="right", layout="zigzag"),
+    dict(arch="llama", dtype=F32, pad="both", layout="zigzag", compiled=True, layers=1),
+    dict(arch="llama", dtype=BF16, pad="both", layout="zigzag"),
     dict(arch="qwen2", dtype=BF16, pad="none", layout="contiguous", ckpt="non_reentrant"),
-    dict(arch="gemma", dtype=BF16, pad="right", layout="zigzag"),
+    dict(arch="gemma", dtype=BF16, pad="both", layout="zigzag"),
 ]
 CASES_P4 = [
-    dict(arch="llama", dtype=F32, pad="right", layout="zigzag", ckpt="non_reentrant"),
+    dict(arch="llama", dtype=F32, pad="both", layout="zigzag", ckpt="non_reentrant"),
     dict(arch="qwen2", dtype=F32, pad="both", layout="contiguous"),
     dict(arch="gemma", dtype=F32, pad="none", layout="zigzag", ckpt="reentrant"),
     dict(arch="llama", dtype=BF16, pad="right", layout="contiguous"),
+    dict(arch="qwen2", dtype=BF16, pad="both", layout="zigzag", use_cache=True),
+    dict(arch="gemma", dtype=BF16, pad="none", layout="contiguous", ckpt="non_reentrant"),
+    dict(arch="mistral", dtype=F32, pad="right", layout="contiguous", window=S),
 ]
 
 
