@@ -103,7 +103,7 @@ def _one_process(model, batch: dict[str, torch.Tensor], ckpt: str):
 
 
 def _ring(model, batch, *, layout: str, ckpt: str, use_cache: bool, compiled: bool,
-          drop: tuple[str, ...] = ()):
+          drop: tuple[str, ...] = (), local_mask: bool = False):
     """The same step on sequence shards, gradients summed over the ranks."""
     from ring_attn.integrations.transformers import (all_reduce_gradients, prepare_model,
                                                      shard_batch)
@@ -114,6 +114,10 @@ def _ring(model, batch, *, layout: str, ckpt: str, use_cache: bool, compiled: bo
     sharded = shard_batch(batch, layout=layout)
     for k in drop:
         sharded.pop(k)
+    if local_mask:  # this rank's shard of the 2-D mask: all-gathered into the key mask
+        from ring_attn.layout import shard_tensor
+        sharded["attention_mask"] = shard_tensor(sharded["attention_mask"], dist.get_rank(),
+                                                 dist.get_world_size(), layout, dim=1)
     fn = torch.compile(model, backend="aot_eager") if compiled else model
     torch._dynamo.utils.counters.clear()
     out = fn(**sharded, use_cache=use_cache)
@@ -147,7 +151,7 @@ def _case_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dic
         model = _model(arch, dtype, **over)
         run = dict(layout=c.get("layout", "zigzag"), ckpt=c.get("ckpt", "off"),
                    use_cache=c.get("use_cache", False), compiled=c.get("compiled", False),
-                   drop=c.get("drop", ()))
+                   drop=c.get("drop", ()), local_mask=c.get("local_mask", False))
         got, breaks = _ring(model, batch, **run)
         ref = _one_process(model, batch, run["ckpt"])
         res = {"case": c, "ring": _errors(got, ref, valid), "graph_breaks": breaks}
@@ -185,7 +189,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 CASES_P2 = [
     # Padding with use_cache=False: HF's local [B,1,S_l,S] mask used to be wrong silently.
     dict(arch="llama", dtype=F32, pad="right", layout="zigzag"),
-    dict(arch="llama", dtype=F32, pad="both", layout="contiguous"),
+    dict(arch="llama", dtype=F32, pad="both", layout="contiguous", local_mask=True),
     dict(arch="llama", dtype=F32, pad="right", layout="striped", use_cache=True),
     # No padding, use_cache=False: zigzag positions used to look like packed sequences.
     dict(arch="llama", dtype=F32, pad="none", layout="zigzag"),
@@ -205,7 +209,7 @@ CASES_P2 = [
 ]
 CASES_P4 = [
     dict(arch="llama", dtype=F32, pad="both", layout="zigzag", ckpt="non_reentrant"),
-    dict(arch="qwen2", dtype=F32, pad="both", layout="contiguous"),
+    dict(arch="qwen2", dtype=F32, pad="both", layout="contiguous", local_mask=True),
     dict(arch="gemma", dtype=F32, pad="none", layout="zigzag", ckpt="reentrant"),
     dict(arch="llama", dtype=BF16, pad="right", layout="contiguous"),
     dict(arch="qwen2", dtype=BF16, pad="both", layout="zigzag", use_cache=True),
