@@ -280,7 +280,9 @@ def shard_batch(batch: Mapping[str, Any], *, layout: str = "zigzag", group: Opti
             mask = torch.ones(b, s, dtype=torch.long, device=ids.device)
         mask = torch.nn.functional.pad(mask, (0, pad), value=0)
     s_full = s + pad
-    shard = lambda t: shard_tensor(t, info.rank, info.world_size, layout, dim=1).contiguous()  # noqa: E731
+
+    def shard(t: Tensor) -> Tensor:
+        return shard_tensor(t, info.rank, info.world_size, layout, dim=1).contiguous()
     out["input_ids"] = shard(ids)
     out["position_ids"] = global_positions(info.rank, info.world_size, s_full // info.world_size,
                                            layout, ids.device).unsqueeze(0).expand(b, -1)
