@@ -103,7 +103,7 @@ def _one_process(model, batch: dict[str, torch.Tensor], ckpt: str):
 
 
 def _ring(model, batch, *, layout: str, ckpt: str, use_cache: bool, compiled: bool,
-          drop: tuple[str, ...] = (), local_mask: bool = False):
+          drop: tuple[str, ...] = (), local_mask: bool = False, pos1d: bool = False):
     """The same step on sequence shards, gradients summed over the ranks."""
     from ring_attn.integrations.transformers import (all_reduce_gradients, prepare_model,
                                                      shard_batch)
@@ -114,6 +114,8 @@ def _ring(model, batch, *, layout: str, ckpt: str, use_cache: bool, compiled: bo
     sharded = shard_batch(batch, layout=layout)
     for k in drop:
         sharded.pop(k)
+    if pos1d:  # ring_attn.positions() as is, 1-D (failed with a broadcast error before)
+        sharded["position_ids"] = sharded["position_ids"][0]
     if local_mask:  # this rank's shard of the 2-D mask: all-gathered into the key mask
         from ring_attn.layout import shard_tensor
         sharded["attention_mask"] = shard_tensor(sharded["attention_mask"], dist.get_rank(),
@@ -152,7 +154,8 @@ def _case_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> list[dic
         model = _model(arch, dtype, **over)
         run = dict(layout=c.get("layout", "zigzag"), ckpt=c.get("ckpt", "off"),
                    use_cache=c.get("use_cache", False), compiled=c.get("compiled", False),
-                   drop=c.get("drop", ()), local_mask=c.get("local_mask", False))
+                   drop=c.get("drop", ()), local_mask=c.get("local_mask", False),
+                   pos1d=c.get("pos1d", False))
         got, breaks = _ring(model, batch, **run)
         ref = _one_process(model, batch, run["ckpt"])
         res = {"case": c, "ring": _errors(got, ref, valid), "graph_breaks": breaks}
@@ -199,7 +202,8 @@ CASES_P2 = [
     # The README one-liner without position_ids: RoPE must still see global positions.
     dict(arch="llama", dtype=F32, pad="both", layout="zigzag", drop=("position_ids",)),
     dict(arch="qwen2", dtype=F32, pad="both", layout="zigzag", ckpt="non_reentrant"),
-    dict(arch="qwen2", dtype=F32, pad="none", layout="contiguous", ckpt="reentrant"),
+    dict(arch="qwen2", dtype=F32, pad="none", layout="contiguous", ckpt="reentrant",
+         pos1d=True),
     dict(arch="gemma", dtype=F32, pad="both", layout="zigzag", ckpt="reentrant"),
     dict(arch="gemma", dtype=F32, pad="none", layout="contiguous", use_cache=True),
     # A sliding window no shorter than the sequence changes nothing: exact.
@@ -302,6 +306,17 @@ def _refusal_worker(rank: int, world: int) -> dict[str, str]:
     finally:
         rt.ring_attention = orig
     out["gqa_not_expanded"] = "ok" if seen and all(s == (4, 1) for s in seen) else str(seen)
+
+    # An explicit group gets its own attn_implementation name and the same result.
+    g = dist.new_group(list(range(world)))
+    m1 = rt.prepare_model(_model("llama", F32), group=g, layout="contiguous")
+    m2 = rt.prepare_model(_model("llama", F32), layout="contiguous")
+    l1 = m1(**rt.shard_batch(batch, layout="contiguous", group=g)).loss
+    l2 = m2(**rt.shard_batch(batch, layout="contiguous")).loss
+    names = (m1.config._attn_implementation, m2.config._attn_implementation)
+    out["explicit_group"] = ("ok" if names[0].startswith("ring_attn_contiguous_")
+                             and names[1] == "ring_attn_contiguous" and torch.equal(l1, l2)
+                             else f"{names} {l1} {l2}")
     return out
 
 

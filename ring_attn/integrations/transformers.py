@@ -215,6 +215,8 @@ def _make_pre_hook(group: Any, layout: str) -> Callable[..., Any]:
         info = group_info(group)
         expected = global_positions(info.rank, info.world_size, s_local, layout, ref.device)
         pos = kwargs.get("position_ids")
+        if pos is not None and pos.dim() == 1:  # ring_attn.positions(...) as is: [S_local]
+            pos = kwargs["position_ids"] = pos.unsqueeze(0).expand(b, -1)
         if kwargs.get("attention_mask") is None:
             if pos is not None and not _is_compiling():
                 # With no mask HF would read non-consecutive positions as packed sequences.
