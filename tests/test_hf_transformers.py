@@ -225,8 +225,19 @@ CASES_P4 = [
 ]
 
 
-def test_hf_models_match_one_process_p2(tmp_path):
-    _check(assert_all_ok(run_ranks(_case_worker, 2, tmp_path, CASES_P2)))
+def _p2_worker(rank: int, world: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Both P = 2 workloads in one spawn (a spawn importing torch and transformers costs
+    ~5-10 s on 2 cores)."""
+    return _case_worker(rank, world, CASES_P2), _refusal_worker(rank, world)
+
+
+@pytest.fixture(scope="module")
+def p2_results(tmp_path_factory) -> list[tuple[list[dict[str, Any]], dict[str, str]]]:
+    return assert_all_ok(run_ranks(_p2_worker, 2, tmp_path_factory.mktemp("hf_p2")))
+
+
+def test_hf_models_match_one_process_p2(p2_results):
+    _check([cases for cases, _ in p2_results])
 
 
 def test_hf_models_match_one_process_p4(tmp_path):
@@ -320,7 +331,7 @@ def _refusal_worker(rank: int, world: int) -> dict[str, str]:
     return out
 
 
-def test_hf_refuses_what_the_ring_cannot_do(tmp_path):
-    for res in assert_all_ok(run_ranks(_refusal_worker, 2, tmp_path)):
+def test_hf_refuses_what_the_ring_cannot_do(p2_results):
+    for _, res in p2_results:
         bad = {k: v for k, v in res.items() if v != "ok"}
         assert not bad, bad
