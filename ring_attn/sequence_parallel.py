@@ -1,8 +1,14 @@
 """`sequence_parallel`: run an unmodified model's attention as ring attention.
 
+    tok = ring_attn.shard(tokens, dim=1, layout="zigzag")          # this rank's tokens
+    pos = ring_attn.positions(tok.size(1), layout="zigzag")        # their GLOBAL positions
     with ring_attn.sequence_parallel(group=None, layout="zigzag"):
-        out = model(ring_attn.shard(tokens, dim=1))   # any F.scaled_dot_product_attention
-                                                      # inside is now ring attention
+        out = model(tok, position_ids=pos.unsqueeze(0))  # any F.scaled_dot_product_attention
+                                                         # inside is now ring attention
+
+Without position_ids most models put RoPE at local positions 0..S_local-1 — wrong on
+every rank but the first, silently. (Hugging Face models: use
+`ring_attn.integrations.transformers`, which also handles their masks, labels and cache.)
 
 Inside the context, `torch.nn.functional.scaled_dot_product_attention` is replaced by a
 function with the same signature that calls `ring_attn.ring_attention` on this rank's
@@ -15,6 +21,19 @@ positions from `ring_attn.positions(s_local, layout=layout)`.
 An `attn_mask` passed through the patched function is the ring's mask: rows are this
 rank's queries, columns the full sequence, shape broadcastable to [..., S_local, S_full]
 (see `ring_attn.ring_attention`).
+
+A mask whose key dimension is S_local (not S) is refused with an explanation: it was
+almost certainly built on local positions (a causal mask from the shard's length, or
+transformers' packed-sequence detection reading zigzag position_ids as several sequences).
+
+Activation checkpointing: the recompute of a checkpointed region runs during backward,
+which is usually after the context has exited. So that it never meets torch's unpatched
+SDPA on shards, each ring call made inside torch.utils.checkpoint (either mode) is
+recorded, and when the outermost context exits with such calls not yet recomputed,
+F.scaled_dot_product_attention becomes a guard instead of torch's function: calls made
+during a backward pass (the recompute) run the ring with the recorded group and layout,
+other calls go to torch's function; the guard removes itself once every recorded call has
+been recomputed (or when the next context is entered, which takes over).
 
 Design, in four rules:
   * The patch is an attribute swap on the `torch.nn.functional` module, so every caller
@@ -32,14 +51,18 @@ Design, in four rules:
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from .comm import group_info
 from .layout import LAYOUTS
 from .ring import ring_attention
 
@@ -56,11 +79,64 @@ class _Frame:
 
 _lock = threading.Lock()
 _stack: list[_Frame] = []
+# (group, layout) of each ring call made under activation checkpointing whose recompute
+# (in backward) has not run yet, oldest first.
+_pending: list[tuple[Optional[Any], str]] = []
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
 
 def _original_sdpa() -> Callable[..., Tensor]:
-    """The function F.scaled_dot_product_attention held before the outermost context."""
-    return _stack[0].previous if _stack else F.scaled_dot_product_attention
+    """The function F.scaled_dot_product_attention held before the outermost context
+    (behind the recompute guard, if that is what it held)."""
+    fn = _stack[0].previous if _stack else F.scaled_dot_product_attention
+    return getattr(fn, "_ring_attn_inner", fn)
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _under_checkpoint() -> bool:
+    """True when called (indirectly) from torch.utils.checkpoint: its forward runs the
+    region from a frame of that file in both modes. ~50 frames walked, once per call."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_filename.endswith(_CHECKPOINT_FILE):
+            return True
+        f = f.f_back
+    return False
+
+
+def _note_checkpoint(group: Optional[Any], layout: str) -> None:
+    """Record a ring call a checkpoint will recompute, or consume the record of one
+    being recomputed now."""
+    if torch.compiler.is_compiling():
+        return
+    if _in_backward():
+        if _pending:
+            _pending.pop()
+    elif _under_checkpoint():
+        _pending.append((group, layout))
+
+
+def _recompute_guard(*args: Any, **kwargs: Any) -> Tensor:
+    """Installed as F.scaled_dot_product_attention after the last context exits while
+    checkpointed ring calls still await their recompute (see the module docstring)."""
+    inner = _recompute_guard._ring_attn_inner
+    if not (_in_backward() and _pending):
+        return inner(*args, **kwargs)
+    group, layout = _pending[-1]
+    _stack.append(_Frame(group, layout, True, previous=inner))
+    try:
+        return _ring_sdpa(*args, **kwargs)
+    finally:
+        _stack.pop()
+        with _lock:
+            if not _pending and not _stack and F.scaled_dot_product_attention is _recompute_guard:
+                F.scaled_dot_product_attention = inner
+
+
+_recompute_guard._ring_attn_inner = F.scaled_dot_product_attention
 
 
 def _flatten_batch(t: Tensor, lead: tuple[int, ...]) -> Tensor:
@@ -92,6 +168,19 @@ def _ring_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Te
     if hq != hk and not enable_gqa:
         raise ValueError(f"ring_attn.sequence_parallel: query has {hq} heads but key/value "
                          f"have {hk}; pass enable_gqa=True for grouped-query attention")
+    s_local = query.shape[-2]
+    world = group_info(frame.group).world_size if attn_mask is not None \
+        and dist.is_initialized() else 1
+    if world > 1 and attn_mask.dim() >= 1 and attn_mask.shape[-1] == s_local:
+        raise ValueError(
+            f"ring_attn.sequence_parallel: attn_mask has {s_local} key columns, this rank's "
+            f"length, but the ring needs all S = {s_local * world} keys in global order "
+            f"([..., S_local, S], got shape {tuple(attn_mask.shape)}). The mask was most "
+            "likely built on local positions: a causal mask from the shard's length (pass "
+            "is_causal=True instead: the ring applies it on global positions), or "
+            "transformers' packed-sequence detection reading zigzag/striped position_ids "
+            "as several sequences (use ring_attn.integrations.transformers)")
+    _note_checkpoint(frame.group, frame.layout)
     lead = tuple(query.shape[:-3])
     q, k, v = (_flatten_batch(t, lead) for t in (query, key, value))
     mask = attn_mask
@@ -148,4 +237,13 @@ class sequence_parallel:
                                    "(they must nest, last entered first exited)")
             _stack.pop()
             self._frame = None
-            F.scaled_dot_product_attention = frame.previous
+            restore = frame.previous
+            if not _stack:
+                # Checkpointed ring calls still to be recomputed keep the guard installed.
+                inner = getattr(restore, "_ring_attn_inner", restore)
+                if _pending:
+                    _recompute_guard._ring_attn_inner = inner
+                    restore = _recompute_guard
+                else:
+                    restore = inner
+            F.scaled_dot_product_attention = restore

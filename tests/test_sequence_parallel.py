@@ -152,6 +152,27 @@ def test_misuse_rejected(calls):
     assert F.scaled_dot_product_attention is TORCH_SDPA
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpoint_recompute_outside_context_uses_the_ring(calls, reentrant):
+    # Backward after the context exits: the checkpoint's recompute must not meet torch's
+    # SDPA on shards (it raised CheckpointError, or gave wrong gradients when reentrant).
+    from torch.utils.checkpoint import checkpoint
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 3))
+    fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
+    with ring_attn.sequence_parallel(layout="striped"):
+        out = checkpoint(fn, q, k, v, use_reentrant=reentrant)
+    assert F.scaled_dot_product_attention is spmod._recompute_guard
+    F.scaled_dot_product_attention(q, k, v)   # outside backward: torch's function
+    assert len(calls) == 1
+    out.sum().backward()   # (reentrant checkpoints refuse autograd.grad)
+    grads = [t.grad for t in (q, k, v)]
+    assert len(calls) == 2 and calls[1]["layout"] == "striped"  # the recompute ran the ring
+    assert F.scaled_dot_product_attention is TORCH_SDPA and spmod._pending == []
+    ref = torch.autograd.grad(TORCH_SDPA(q, k, v, is_causal=True).sum(), [q, k, v])
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------- 2 gloo processes
 
 class _Attention(nn.Module):
@@ -213,6 +234,43 @@ def _worker_module_matches(rank: int, world: int) -> None:
             for p, g_ref in zip(model.parameters(), grads_ref):
                 dist.all_reduce(p.grad)  # each rank saw part of the sequence
                 torch.testing.assert_close(p.grad, g_ref, rtol=TOL, atol=TOL, msg=what)
+
+
+def _worker_checkpoint_and_local_mask(rank: int, world: int) -> None:
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    model = _Attention(dim=24, heads=4, kv_heads=2).double()
+    x = torch.randn(2, 12, 24, dtype=torch.float64)
+    for t in (*model.parameters(), x):
+        dist.broadcast(t.data, src=0)
+    x_ref = x.clone().requires_grad_()
+    model(x_ref, True).square().sum().backward()
+    grads_ref = [p.grad.clone() for p in model.parameters()]
+    for layout in ("zigzag", "contiguous"):
+        for reentrant in (False, True):
+            model.zero_grad()
+            x_loc = ring_attn.shard(x, dim=1, layout=layout).requires_grad_()
+            with ring_attn.sequence_parallel(layout=layout):
+                out = checkpoint(model, x_loc, True, use_reentrant=reentrant)
+            out.square().sum().backward()   # recompute outside the context
+            what = f"layout={layout} reentrant={reentrant}"
+            assert F.scaled_dot_product_attention is TORCH_SDPA, what
+            torch.testing.assert_close(x_loc.grad, ring_attn.shard(x_ref.grad, dim=1,
+                                                                   layout=layout),
+                                       rtol=TOL, atol=TOL, msg=what)
+            for p, g_ref in zip(model.parameters(), grads_ref):
+                dist.all_reduce(p.grad)
+                torch.testing.assert_close(p.grad, g_ref, rtol=TOL, atol=TOL, msg=what)
+    # A mask over this rank's 6 keys only (built from the shard's length) is refused.
+    local = torch.ones(6, 6, dtype=torch.bool).tril()
+    with ring_attn.sequence_parallel():
+        with pytest.raises(ValueError, match="local positions"):
+            model(ring_attn.shard(x, dim=1), False, local)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_checkpoint_and_local_mask_on_the_ring(tmp_path):
+    assert_all_ok(run_ranks(_worker_checkpoint_and_local_mask, 2, tmp_path, pg_timeout_s=60))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
