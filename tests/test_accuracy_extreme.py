@@ -7,8 +7,8 @@ Cause of the former excess (up to 5.2x torch's max error, 2.9x its RMS): with fe
 such narrow products in vector lanes, so its scores carried about half the rounding
 error, and at large logits the score error dominates everything else (the exp, the
 rescales and P V add < 1/5 of it: attention on float64 scores rounded once to float32
-is 3-10x more accurate than either kernel). The micro-kernels now use 8 accumulator
-chains for products at most 16 columns wide; our mean score error is then 0.9-1.0x
+is 3-10x more accurate than either kernel). The score products of tiles with fewer than
+16 keys now reduce in 8 accumulator chains (split_k, gemm.h); our mean score error is 0.9-1.0x
 torch's and the pooled RMS out error 0.63x torch's. The max error of one small case is
 decided by the few near-tied rows (two keys with close scores) and so is a noisy
 statistic: with equal score error distributions it still ranges 0.3-3.3x torch's from

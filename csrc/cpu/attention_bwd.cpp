@@ -219,7 +219,7 @@ void bwd_impl(const AttnBwdParams& p) {
               gemm_bcast_bf16_avx512(m, n, D2, scale, Q2, D2, 1, Kt2c + (kb - kb0) * D2 * KB, KB,
                                      0.f, P, n);
             } else {
-              gemm_bcast(m, n, D, scale, Q, ldq, 1, Kt, KB, acc(0), P, n);
+              gemm_bcast(m, n, D, scale, Q, ldq, 1, Kt, KB, acc(0), P, n, /*split_k=*/n < 16);
             }
             mask_tile(P, n, m, n, p.mask, b, h, i0, j0, qp, kp, kind == TileKind::kPartial);
             for (int64_t r = 0; r < m; ++r) {
@@ -236,7 +236,7 @@ void bwd_impl(const AttnBwdParams& p) {
               gemm_bcast_bf16_avx512(m, n, Dv2, 1.f, dO2, Dv2, 1, Vt2c + (kb - kb0) * Dv2 * KB,
                                      KB, 0.f, dP, n);
             } else {
-              gemm_bcast(m, n, Dv, acc(1), dO, lddo, 1, Vt, KB, acc(0), dP, n);
+              gemm_bcast(m, n, Dv, acc(1), dO, lddo, 1, Vt, KB, acc(0), dP, n, /*split_k=*/n < 16);
             }
             const acc* Pd = P;  // the probabilities dV sees
             if (has_dropout) {

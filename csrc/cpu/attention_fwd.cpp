@@ -192,7 +192,7 @@ void fwd_impl(const AttnFwdParams& p) {
                                  kt2.data() + (bhk * nkb + kb) * D2 * KB, KB, 0.f, S, n);
         } else {
           gemm_bcast(m, n, D, scale, Q, ldq, 1, kt_pack.data() + (bhk * nkb + kb) * D * KB, KB,
-                     acc(0), S, n);
+                     acc(0), S, n, /*split_k=*/n < 16);
         }
         mask_tile(S, n, m, n, p.mask, b, h, i0, j0, qpos.pos.data(), kpos.pos.data(),
                   kind == TileKind::kPartial);

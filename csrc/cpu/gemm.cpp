@@ -48,18 +48,19 @@ void gemm_blas(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t a_r
 }  // namespace
 
 void gemm_bcast(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t a_rs,
-                int64_t a_ps, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+                int64_t a_ps, const float* b, int64_t ldb, float beta, float* c, int64_t ldc,
+                bool split_k) {
   if (M == 0 || N == 0) return;
   if (use_avx512()) {
-    gemm_bcast_avx512(M, N, K, alpha, a, a_rs, a_ps, b, ldb, beta, c, ldc);
+    gemm_bcast_avx512(M, N, K, alpha, a, a_rs, a_ps, b, ldb, beta, c, ldc, split_k);
   } else {
-    gemm_bcast_avx2(M, N, K, alpha, a, a_rs, a_ps, b, ldb, beta, c, ldc);
+    gemm_bcast_avx2(M, N, K, alpha, a, a_rs, a_ps, b, ldb, beta, c, ldc, split_k);
   }
 }
 
 void gemm_bcast(int64_t M, int64_t N, int64_t K, double alpha, const double* a, int64_t a_rs,
                 int64_t a_ps, const double* b, int64_t ldb, double beta, double* c,
-                int64_t ldc) {
+                int64_t ldc, bool /*split_k*/) {
   if (M == 0 || N == 0) return;
   gemm_blas<double>(M, N, K, alpha, a, a_rs, a_ps, b, ldb, beta, c, ldc);
 }

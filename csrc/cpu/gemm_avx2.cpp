@@ -53,7 +53,8 @@ __attribute__((always_inline)) inline void tile(int64_t K, const float* a, int64
   int64_t p = 0;
   for (; p + CH <= K; p += CH) {
 #pragma GCC unroll 8
-    for (int h = 0; h < CH; ++h) step<MR, NV>(acc[h], a + (p + h) * a_ps, a_rs, b + (p + h) * ldb, last);
+    for (int h = 0; h < CH; ++h)
+      step<MR, NV>(acc[h], a + (p + h) * a_ps, a_rs, b + (p + h) * ldb, last);
   }
   for (; p < K; ++p) step<MR, NV>(acc[0], a + p * a_ps, a_rs, b + p * ldb, last);
 #pragma GCC unroll 4
@@ -107,14 +108,12 @@ void rows(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_ps, cons
 
 void gemm_bcast_avx2(int64_t M, int64_t N, int64_t K, float alpha, const float* a,
                      int64_t a_rs, int64_t a_ps, const float* b, int64_t ldb, float beta,
-                     float* c, int64_t ldc) {
+                     float* c, int64_t ldc, bool split_k) {
   for (int64_t c0 = 0; c0 < N; c0 += 16) {
     const int64_t nc = N - c0 < 16 ? N - c0 : 16;
     const float* bc = b + c0;
     float* cc = c + c0;
-    if (N <= 16) {
-      // Products at most 16 wide: several accumulator chains along K for accuracy, as
-      // in gemm_avx512.cpp (fewer than 16 keys in Q K^T, head dims <= 16 in P V).
+    if (split_k) {  // accumulator chains along K (gemm.h)
       if (nc > 8) {
         rows<2, 1, 4>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, lane_mask(nc - 8));
       } else {

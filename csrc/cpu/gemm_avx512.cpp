@@ -46,7 +46,7 @@ __attribute__((always_inline)) inline void step(__m512 (&acc)[MR][NV], const flo
 
 // CH independent accumulator chains (step p feeds chain p % CH), summed at the end: the
 // rounding error of a K-long sum grows like the chain length, so CH chains cut it by
-// about sqrt(CH) (see gemm_bcast_avx512 for where CH > 1).
+// about sqrt(CH) (split_k in gemm.h).
 template <int MR, int NV, int CH>
 __attribute__((always_inline)) inline void tile(int64_t K, const float* a, int64_t a_rs,
                                                 int64_t a_ps, const float* b, int64_t ldb,
@@ -62,7 +62,8 @@ __attribute__((always_inline)) inline void tile(int64_t K, const float* a, int64
   int64_t p = 0;
   for (; p + CH <= K; p += CH) {
 #pragma GCC unroll 4
-    for (int h = 0; h < CH; ++h) step<MR, NV>(acc[h], a + (p + h) * a_ps, a_rs, b + (p + h) * ldb, last);
+    for (int h = 0; h < CH; ++h)
+      step<MR, NV>(acc[h], a + (p + h) * a_ps, a_rs, b + (p + h) * ldb, last);
   }
   for (; p < K; ++p) step<MR, NV>(acc[0], a + p * a_ps, a_rs, b + p * ldb, last);
 #pragma GCC unroll 4
@@ -116,7 +117,7 @@ void rows(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_ps, cons
 
 void gemm_bcast_avx512(int64_t M, int64_t N, int64_t K, float alpha, const float* a,
                        int64_t a_rs, int64_t a_ps, const float* b, int64_t ldb, float beta,
-                       float* c, int64_t ldc) {
+                       float* c, int64_t ldc, bool split_k) {
   for (int64_t c0 = 0; c0 < N; c0 += 64) {
     const int64_t nc = N - c0 < 64 ? N - c0 : 64;
     const int nv = static_cast<int>((nc + 15) / 16);
@@ -128,12 +129,13 @@ void gemm_bcast_avx512(int64_t M, int64_t N, int64_t K, float alpha, const float
       case 4: rows<4, 6>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, last); break;
       case 3: rows<3, 8>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, last); break;
       case 2: rows<2, 12>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, last); break;
-      // Up to 16 columns (fewer than 16 keys in Q K^T, head dims <= 16 in P V): 8 chains
-      // of 3 rows (24 accumulators) instead of one chain of 14. torch's MKL sgemm reduces
-      // such narrow products along K in vector lanes; one chain of D = 64 steps gave fp32
-      // out errors up to 5.2x torch's (RMS 2.9x) at logit std 4-120 with 2-8 keys, 4
-      // chains 4.3x, 8 chains 2.5x (RMS 1.55x): tests/test_accuracy_extreme.py.
-      default: rows<1, 3, 8>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, last); break;
+      default:
+        if (split_k) {  // 8 chains of 3 rows: 24 accumulators (gemm.h)
+          rows<1, 3, 8>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, last);
+        } else {
+          rows<1, 14>(M, K, a, a_rs, a_ps, bc, ldb, cc, ldc, alpha, beta, last);
+        }
+        break;
     }
   }
 }
