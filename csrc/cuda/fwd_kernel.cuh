@@ -6,8 +6,9 @@
 //   2. Per tile, each warp (16 query rows) computes S = Q K^T with mma.sync.m16n8k16
 //      (operands via ldmatrix), scales it, applies the mask (causal on global positions,
 //      bool / additive mask, sequence ends) where the tile needs it, and updates the
-//      online softmax in fp32 registers: m = max(m, rowmax S), P = exp2(S - m), l and O
-//      rescaled by exp2(m_old - m). P is re-packed in registers as the A operand of
+//      online softmax in fp32 registers: m = max(m, rowmax S), P = exp2((S - m) log2 e),
+//      l and O rescaled by exp2((m_old - m) log2 e) (natural units until the exp2: see
+//      mask_term in utils.cuh). P is re-packed in registers as the A operand of
 //      O += P V (the m16n8 accumulator layout equals the m16k16 operand layout).
 //   3. One write of O / l (0 for rows without keys) and lse = m + log l (-inf there).
 // Tiles whose keys all lie after every query of the block (causal) are skipped, from the
@@ -105,9 +106,9 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   for (int ot = 0; ot < kOT; ++ot)
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[ot][e] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY};  // running row max, log2 units
+  float m_run[2] = {-INFINITY, -INFINITY};  // running row max (natural units)
   float l_run[2] = {0.f, 0.f};              // this thread's part of the row sum
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const float scale = static_cast<float>(p.scale);
   int stage = 0;
 
   while (n < n_blocks) {
@@ -140,7 +141,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
       }
     }
 
-    // Scale to log2 units; mask where the tile needs it; draw dropout bits.
+    // Scale; mask where the tile needs it; draw dropout bits.
     const int n0 = n * kBlockN;
     const int cols_valid = min(kBlockN, Sk - n0);
     bool need_mask = has_mask || cols_valid < kBlockN;
@@ -152,7 +153,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+      for (int e = 0; e < 4; ++e) s[nt][e] *= scale;
     uint32_t keep_bits = 0xffffffffu;  // bit 4*nt + e: element s[nt][e] is kept
     if (need_mask || dropout) {
 #pragma unroll
@@ -170,8 +171,8 @@ __global__ void __launch_bounds__(Tr::kNThreads)
               if (!row_ok[t] || j >= Sk) {
                 x = -INFINITY;
               } else {
-                x += mask_term_log2(mk, mask_bh, m0 + r_loc + 8 * t, j, qpos[t],
-                                    jj ? kpos1 : kpos0);
+                x += mask_term(mk, mask_bh, m0 + r_loc + 8 * t, j, qpos[t],
+                               jj ? kpos1 : kpos0);
               }
             }
           }
@@ -200,14 +201,14 @@ __global__ void __launch_bounds__(Tr::kNThreads)
       // A row with no key so far keeps m = -inf; subtracting 0 instead keeps exp2 at
       // exp2(-inf) = 0 rather than NaN from (-inf) - (-inf).
       m_use[t] = mx[t] == -INFINITY ? 0.f : mx[t];
-      alpha[t] = exp2f(m_run[t] - m_use[t]);
+      alpha[t] = exp2f((m_run[t] - m_use[t]) * kLog2e);
       m_run[t] = mx[t];
     }
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float pr = exp2f(s[nt][e] - m_use[e / 2]);
+        const float pr = exp2f((s[nt][e] - m_use[e / 2]) * kLog2e);
         rs[e / 2] += pr;
         s[nt][e] = (keep_bits >> (4 * nt + e)) & 1u ? pr : 0.f;
       }
@@ -278,15 +279,15 @@ __global__ void __launch_bounds__(Tr::kNThreads)
     if (lane % 4 == 0) {
       // bf16 / fp16 inputs: the accumulation type, hence lse, is float (attn_params.h).
       float* lse = static_cast<float*>(p.lse);
-      lse[row_base + i] = l > 0.f ? (m_run[t] + log2f(l)) * kLn2 : -INFINITY;
+      lse[row_base + i] = l > 0.f ? m_run[t] + log2f(l) * kLn2 : -INFINITY;
     }
   }
 }
 
-// Host launcher, instantiated once per (dtype, head dim) in csrc/cuda/inst/.
-template <typename Elem, int kHeadDim>
+// Host launcher, instantiated once per (dtype, head dim, tile variant) in csrc/cuda/inst/.
+template <typename Elem, int kHeadDim, int kVariant>
 cudaError_t run_fwd_tc(const AttnFwdParams& p, bool out_fp32, cudaStream_t stream) {
-  using Tr = typename FwdConfig<kHeadDim>::T;
+  using Tr = typename FwdConfig<kHeadDim, kVariant>::T;
   const size_t smem = static_cast<size_t>(Tr::kSmemElems) * sizeof(Elem);
   auto kernel = fwd_tc_kernel<Elem, Tr>;
   // Above 48 KB a kernel must opt in to dynamic smem (set once per process per kernel).

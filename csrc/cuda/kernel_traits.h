@@ -12,14 +12,10 @@
 // layout, the price being twice the K/V ldmatrix traffic per mma: the first thing to tune).
 // Backward: see bwd_kernel.cuh (three warp layouts over one block, joined through smem).
 #pragma once
+#include "cuda/tile_config.h"
 
 namespace ring_attn {
 namespace cuda {
-
-// Smem rows are padded by 8 elements (16 bytes): consecutive rows then start 16 bytes
-// apart modulo 128, so the 8 row addresses of one ldmatrix hit 8 distinct 16-byte bank
-// groups (no conflicts) without an XOR swizzle. Cost: 8/128 = 6% more smem at hd128.
-constexpr int kSmemPad = 8;
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct FwdTraits {
@@ -35,21 +31,27 @@ struct FwdTraits {
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "mma k16 / paired n8 tiles");
 };
 
+// The tile of each head dim comes from tile_config.h (variant 0: preferred; variant 1: the
+// smaller tile for GPUs with 99 KB of smem per block).
 // hd64:  FA2 uses 128 x 128 with 4 warps. We take 128 x 64 (8 warps): a 64-key tile halves
-//        the S registers (32 per thread) and keeps two or more CTAs per SM in 54 KB of smem.
+//        the S registers (32 per thread); 54 KB of smem.
 // hd96:  FA2 uses 128 x 64 with 4 warps; same tile here with 8 warps (78 KB smem).
 // hd128: FA2 uses 128 x 64 (non-causal 128 x 32 on some GPUs) with 4 warps; 128 x 64 with
-//        8 warps here (102 KB smem: one CTA per SM on A100, two on H100).
+//        8 warps here (102 KB smem), 128 x 32 (68 KB) under 99 KB.
+// hd192: FA2 uses 128 x 64 with 8 warps on sm80; same here (150 KB), 128 x 16 (75 KB)
+//        under 99 KB.
 // hd256: FA2 uses 128 x 64 with 8 warps on sm80; O alone is 128 fp32 registers per thread
 //        at hd256, so we take kBlockN 32 to bound S and smem (132 KB, fits the 163 KB sm80
-//        limit with double-buffered K/V).
-// ptxas -v (sm_80, bf16 and fp16 alike): 178 / 209 / 229 / 251 registers at hd 64 / 96 /
-// 128 / 256, 0 bytes spilled; so one 8-warp CTA per SM by registers at hd >= 96.
-template <int kHeadDim> struct FwdConfig;
-template <> struct FwdConfig<64> { using T = FwdTraits<64, 128, 64, 8>; };
-template <> struct FwdConfig<96> { using T = FwdTraits<96, 128, 64, 8>; };
-template <> struct FwdConfig<128> { using T = FwdTraits<128, 128, 64, 8>; };
-template <> struct FwdConfig<256> { using T = FwdTraits<256, 128, 32, 8>; };
+//        limit with double-buffered K/V), 128 x 16 (99 KB) under 99 KB.
+// Occupancy is register-limited, not smem-limited: PTXAS_FWD_NOTE
+template <int kHeadDim, int kVariant>
+struct FwdConfig {
+  static constexpr TileConfig kTile = fwd_tiles(kHeadDim).c[kVariant];
+  static_assert(kVariant < fwd_tiles(kHeadDim).n, "no such forward tile variant");
+  using T = FwdTraits<kHeadDim, kTile.block_m, kTile.block_n, kTile.n_warps>;
+  static_assert(T::kSmemElems * 2 == fwd_smem_bytes(kHeadDim, kTile, 2),
+                "tile_config.h's smem formula must match the kernel's layout");
+};
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct BwdTraits {
@@ -84,17 +86,24 @@ struct BwdTraits {
   static_assert(kBlockM % 16 == 0 && kBlockN % 16 == 0, "mma tiles");
 };
 
-// All head dims: 64 queries x 64 keys with 8 warps. FA2's sm80 backward
+// Every head dim: 64 queries x 64 keys with 8 warps (variant 0). FA2's sm80 backward
 // (flash_bwd_launch_template.h) uses 8 warps with 128 x 128 at hd64, 64 x 128 at hd96 and
 // hd128 (64 x 64 where the GPU has < 144 KB smem per block) and 64 x 64 at hd256. Our
 // 64-key CTA gives each warp 16 keys x kHeadDim/2 columns of dK and dV: 2 x 32 fp32
 // registers at hd128, 2 x 64 at hd256, which leaves room for the transient S/dP (16 + 16)
-// and dQ (<= 32) fragments without spilling (ptxas -v, sm_80: 158 / 170 / 220 / 249
-// registers at hd 64 / 96 / 128 / 256, 0 spills). Smem (single-buffered Q/dO): 86.5 KB at
-// hd128, 150.5 KB at hd256 (under sm80's 163 KB). A 128-key CTA (FA2's choice) and
-// double-buffered Q/dO are the next steps to try on a GPU.
-template <int kHeadDim> struct BwdConfig {
-  using T = BwdTraits<kHeadDim, 64, 64, 8>;
+// and dQ (<= 32) fragments. Smem (single-buffered Q/dO): 86.5 KB at hd128, 118.5 KB at
+// hd192, 150.5 KB at hd256 (under sm80's 163 KB). Under 99 KB (variant 1): hd192 64 x 32
+// with 8 warps (85.5 KB), hd256 32 x 32 with 4 warps (71.3 KB; an 8-warp layout needs at
+// least 64 x 32, 109.5 KB). A 128-key CTA (FA2's choice) and double-buffered Q/dO are the
+// next steps to try on a GPU.
+// PTXAS_BWD_NOTE
+template <int kHeadDim, int kVariant>
+struct BwdConfig {
+  static constexpr TileConfig kTile = bwd_tiles(kHeadDim).c[kVariant];
+  static_assert(kVariant < bwd_tiles(kHeadDim).n, "no such backward tile variant");
+  using T = BwdTraits<kHeadDim, kTile.block_m, kTile.block_n, kTile.n_warps>;
+  static_assert(T::kSmemBytes == bwd_smem_bytes(kHeadDim, kTile, 2),
+                "tile_config.h's smem formula must match the kernel's layout");
 };
 
 }  // namespace cuda

@@ -194,19 +194,26 @@ __device__ __forceinline__ void position_range(const int64_t* pos, int64_t offse
   }
 }
 
-// Score transform of one element given its validity: returns the additive term in log2
-// units (0 when no float mask) or -inf when the element is masked out (causal or bool
-// false). Row i < Sq and column j < Sk are the caller's responsibility. The tensor-core
-// kernels (bf16 / fp16) accumulate in float, so their float mask is float.
-__device__ __forceinline__ float mask_term_log2(const AttnMaskParams& m, const void* mask_bh,
-                                                int i, int j, int64_t qpos, int64_t kpos) {
+// Score transform of one element given its validity: returns the additive term (natural
+// log units, as torch adds it to the scaled score; 0 when no float mask) or -inf when the
+// element is masked out (causal or bool false). Row i < Sq and column j < Sk are the
+// caller's responsibility. The tensor-core kernels (bf16 / fp16) accumulate in float, so
+// their float mask is float.
+// The kernels keep scores in natural units and convert to log2 units only inside exp2:
+// exp2((s - m) * log2(e)). Scaling the mask by log2(e) first (as this code once did)
+// overflows to -inf for any value below -FLT_MAX / log2(e) = -2.36e38, and
+// torch.finfo(bfloat16 / float32).min (-3.39e38 / -3.40e38), Hugging Face's padding
+// value, is below it: a fully padded row then gave out = 0, lse = -inf instead of torch's
+// mean of V with lse = finfo.min.
+__device__ __forceinline__ float mask_term(const AttnMaskParams& m, const void* mask_bh, int i,
+                                           int j, int64_t qpos, int64_t kpos) {
   if (m.causal && kpos > qpos) return -INFINITY;
   if (m.kind == MaskKind::kBool) {
     const uint8_t* mb = static_cast<const uint8_t*>(mask_bh);
     if (!mb[i * m.stride[2] + j * m.stride[3]]) return -INFINITY;
   } else if (m.kind == MaskKind::kFloat) {
     const float* mf = static_cast<const float*>(mask_bh);
-    return mf[i * m.stride[2] + j * m.stride[3]] * kLog2e;
+    return mf[i * m.stride[2] + j * m.stride[3]];
   }
   return 0.f;
 }
