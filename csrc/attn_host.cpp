@@ -1,6 +1,8 @@
 #include "attn_host.h"
 
 #include <cmath>
+#include <initializer_list>
+#include <limits>
 
 #include "common/dropout_rng.h"
 
@@ -105,6 +107,41 @@ at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, const at::Tensor&
   return m;
 }
 
+// AttnMaskParams::nonfinite (attn_params.h): one byte on the inputs' device, nonzero when
+// a value a skipped tile would read may be NaN or +-inf, computed with ATen ops and no
+// host sync. `sums`: tensors whose every element must be finite; their sum is non-finite
+// iff an element is (inf + finite = inf, inf - inf = NaN, NaN propagates) or the sum
+// overflows (a false positive: speed only). `maxes`: tensors that may hold -inf (a float
+// mask, lse) but not NaN or +inf; at::maximum propagates NaN. Only causal calls skip
+// tiles, so the others pay nothing. Measured on the 2-core EPYC, one thread, float32
+// [1, 2, 4096, 64]: 0.08 ms for the forward's three sums, against ~30 ms for the forward.
+void fill_nonfinite(bool causal, std::initializer_list<at::Tensor> sums,
+                    std::initializer_list<at::Tensor> maxes, PreparedInputs& r,
+                    AttnMaskParams& mp) {
+  mp.nonfinite = nullptr;
+  if (!causal) return;
+  at::Tensor worst;  // max(|sum|, maxes...): below +inf iff nothing non-finite was seen
+  for (const at::Tensor& t : sums) {
+    at::Tensor s = t.sum(t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    worst = worst.defined() ? worst + s : s;
+  }
+  worst = worst.abs();
+  for (const at::Tensor& t : maxes) {
+    if (t.defined() && t.numel() > 0) worst = at::maximum(worst, t.amax().to(worst.scalar_type()));
+  }
+  r.nonfinite = worst.lt(std::numeric_limits<double>::infinity()).logical_not_();
+  mp.nonfinite = static_cast<const uint8_t*>(r.nonfinite.data_ptr());  // bool: one byte, 0/1
+}
+
+// The elements a broadcast view reads: its stride-0 dims narrowed to one.
+at::Tensor own_elements(const at::Tensor& t) {
+  at::Tensor e = t;
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (t.stride(i) == 0 && t.size(i) > 1) e = e.narrow(i, 0, 1);
+  }
+  return e;
+}
+
 // What AttnFwdParams and AttnBwdParams share (same field names): shape, mask and
 // positions, dropout, scale, and the q/k/v pointers and strides.
 template <typename Params>
@@ -158,6 +195,9 @@ PreparedFwd prepare_fwd(const FwdArgs& a, bool out_fp32, c10::DeviceType device)
   r.lse = at::empty({s.B, s.Hq, s.Sq}, a.q.options().dtype(acc_dtype(a.q)));
   p.out = r.out.data_ptr();
   p.lse = r.lse.data_ptr();
+  const at::Tensor mask_values =
+      p.mask.kind == MaskKind::kFloat ? own_elements(r.mask) : at::Tensor();
+  fill_nonfinite(a.is_causal, {r.q, r.k, r.v}, {mask_values}, r, p.mask);
   return r;
 }
 
@@ -173,9 +213,19 @@ PreparedBwd prepare_bwd(const at::Tensor& dout, const at::Tensor& out, const at:
   const std::vector<int64_t> lse_shape = {a.q.size(0), a.q.size(1), a.q.size(2)};
   TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "ring_attn: lse must have shape ",
               at::IntArrayRef(lse_shape), ", got ", lse.sizes());
-  for (const at::Tensor* t : {&dout, &out, &lse}) {
-    TORCH_CHECK(t->device() == a.q.device(), "ring_attn: dout/out/lse must be on q's device ",
-                a.q.device(), ", got ", t->device());
+  const bool has_dlse = dlse.has_value() && dlse->defined();
+  if (has_dlse) {
+    TORCH_CHECK(dlse->sizes() == at::IntArrayRef(lse_shape), "ring_attn: dlse must have shape ",
+                at::IntArrayRef(lse_shape), " (like lse), got ", dlse->sizes());
+    TORCH_CHECK(at::isFloatingType(dlse->scalar_type()),
+                "ring_attn: dlse must be a floating tensor, got ", dlse->scalar_type());
+  }
+  const char* names[4] = {"dout", "out", "lse", "dlse"};
+  const at::Tensor* ts[4] = {&dout, &out, &lse, has_dlse ? &*dlse : nullptr};
+  for (int i = 0; i < 4; ++i) {
+    if (ts[i] == nullptr) continue;
+    TORCH_CHECK(ts[i]->device() == a.q.device(), "ring_attn: ", names[i],
+                " must be on q's device ", a.q.device(), ", got ", ts[i]->device());
   }
   PreparedBwd r;
   AttnBwdParams& p = r.params;
@@ -185,7 +235,7 @@ PreparedBwd prepare_bwd(const at::Tensor& dout, const at::Tensor& out, const at:
   const auto acc = acc_dtype(a.q);
   r.lse = lse.to(acc).contiguous();
   at::Tensor delta = (dout.to(acc) * out.to(acc)).sum(-1);
-  if (dlse.has_value() && dlse->defined()) delta = delta - dlse->to(acc);
+  if (has_dlse) delta = delta - dlse->to(acc);
   r.delta = delta.contiguous();
   const auto g_dtype = grad_fp32 ? at::kFloat : a.q.scalar_type();
   r.dq = at::empty(a.q.sizes(), a.q.options().dtype(g_dtype));
@@ -196,6 +246,11 @@ PreparedBwd prepare_bwd(const at::Tensor& dout, const at::Tensor& out, const at:
   p.lse = r.lse.data_ptr();
   p.delta = r.delta.data_ptr();
   p.dq = r.dq.data_ptr(); p.dk = r.dk.data_ptr(); p.dv = r.dv.data_ptr();
+  // delta is non-finite wherever dout is (NaN * x = NaN, inf * 0 = NaN), so it stands in
+  // for dout at a fraction of the cost.
+  const at::Tensor mask_values =
+      p.mask.kind == MaskKind::kFloat ? own_elements(r.mask) : at::Tensor();
+  fill_nonfinite(a.is_causal, {r.q, r.k, r.v, r.delta}, {mask_values, r.lse}, r, p.mask);
   return r;
 }
 

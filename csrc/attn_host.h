@@ -27,6 +27,7 @@ struct FwdArgs {
 // broadcast view, positions as int64 on the device); the params point into them.
 struct PreparedInputs {
   at::Tensor q, k, v, mask, q_pos, k_pos;
+  at::Tensor nonfinite;  // the one byte AttnMaskParams::nonfinite points to (causal only)
 };
 
 // Everything a backend needs to launch: the params plus the tensors their pointers point

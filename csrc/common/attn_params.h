@@ -14,7 +14,15 @@
 //    for float64 inputs. lse, delta and a float mask are stored in it, so float64 inputs
 //    are float64-accurate end to end (P = exp(S - lse) in the backward and the ring's
 //    merge weights exp(lse_a - lse_b) carry no float32 rounding).
-//  * A row with no surviving key gets out = 0 and lse = -inf (never NaN).
+//  * Non-finite values follow torch's math backend (sdpa_kernel([SDPBackend.MATH])):
+//    masking is additive (a false / causal-excluded element adds -inf, so a NaN or +inf
+//    score there stays NaN), the softmax of a row containing NaN or +inf is NaN, and
+//    P V multiplies every probability, so 0 * NaN = NaN: a NaN in V[j, c] makes column c
+//    NaN in every row even where key j is masked. lse is NaN where the row is NaN.
+//  * A row whose every score is -inf (no surviving key, all finite) gets out = 0 and
+//    lse = -inf, as math's _safe_softmax gives.
+//  * Tiles may be skipped (causal blocks wholly in the future) only when the skip cannot
+//    change a value: every value the tile would read finite (AttnMaskParams::nonfinite).
 //  * Dropout keeps an element iff dropout_keep(seed, b, h, qpos, kpos, threshold) and
 //    scales kept probabilities by 1/(1-p); lse is that of the un-dropped softmax.
 #pragma once
@@ -36,6 +44,16 @@ struct AttnMaskParams {
   const int64_t* k_pos; // nullptr -> k_offset + j
   int64_t q_offset, k_offset;
   bool causal;
+  // The skip rule's one input besides positions: one byte, a host pointer on CPU and a
+  // device pointer on CUDA (filled on the inputs' device without a host sync). Nonzero
+  // when a value a skipped tile would read may be non-finite: q, k, v, a float mask
+  // (NaN / +inf), and in the backward dout (through delta) and lse. Then no tile is
+  // skipped, because math gives NaN there: a skipped score is NaN + -inf = NaN, and
+  // 0 * NaN = NaN in P V, dO V^T and P^T dO. q counts because a query whose every key
+  // is in the future still gets NaN from math when its q is NaN. nullptr: skipping is
+  // exact (all finite, or not causal, so nothing is skipped). A false positive costs
+  // speed only: a masked tile of finite data contributes exactly 0.
+  const uint8_t* nonfinite;
 };
 
 struct DropoutParams {
