@@ -60,6 +60,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   const int n0 = n_block * kBlockN;
   const int cols_valid = min(kBlockN, Sk - n0);
   const bool has_mask = mk.kind != MaskKind::kNone;
+  const bool skip_ok = causal_skip_ok(mk);
   const bool dropout = p.dropout.p > 0.f;
   const float keep_scale = dropout ? 1.f / (1.f - static_cast<float>(p.dropout.p)) : 1.f;
   const float scale = static_cast<float>(p.scale);
@@ -101,7 +102,9 @@ __global__ void __launch_bounds__(Tr::kNThreads)
       const int rows_valid = min(kBlockM, Sq - m0);
       int64_t q_min, q_max;
       position_range(mk.q_pos, mk.q_offset, m0, rows_valid, lane, q_min, q_max);
-      if (mk.causal && q_max < k_min) continue;  // every (query, key) pair is masked
+      // Every (query, key) pair is masked: skip, unless an input may be non-finite
+      // (causal_skip_ok; math's NaN + (-inf) and 0 * NaN reach dQ, dK, dV).
+      if (skip_ok && q_max < k_min) continue;
       const bool need_mask =
           has_mask || cols_valid < kBlockN || (mk.causal && k_max > q_min);
 

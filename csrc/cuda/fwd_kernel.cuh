@@ -12,7 +12,10 @@
 //      O += P V (the m16n8 accumulator layout equals the m16k16 operand layout).
 //   3. One write of O / l (0 for rows without keys) and lse = m + log l (-inf there).
 // Tiles whose keys all lie after every query of the block (causal) are skipped, from the
-// positions' min/max, so zigzag / striped position maps skip exactly like contiguous ones.
+// positions' min/max, so zigzag / striped position maps skip exactly like contiguous ones,
+// unless an input may be non-finite (causal_skip_ok): math's NaN + (-inf) and 0 * NaN then
+// reach every row. The row max propagates NaN (max_nan) and only a true -inf max takes
+// the no-key branch, so NaN/inf follow torch's math backend (attn_params.h).
 // Dropout: kept probabilities feed O, every probability feeds l (lse is un-dropped), and
 // O is scaled by 1/(1-p) at the end; the keep decision is dropout_rng.h's, per element.
 // Head dims below the instantiated kHeadDim are zero-padded in smem and never written.
@@ -71,10 +74,11 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   position_range(mk.q_pos, mk.q_offset, m0, rows_valid, lane, q_min, q_max);
 
   const int n_blocks = ceil_div(Sk, kBlockN);
+  const bool skip_ok = causal_skip_ok(mk);
   // A tile is skipped when causality masks all of it: its first key comes after the
   // block's last query. Every warp evaluates this identically (no smem, no sync).
   auto tile_active = [&](int n) -> bool {
-    if (!mk.causal) return true;
+    if (!skip_ok) return true;
     int64_t k_min, k_max;
     position_range(mk.k_pos, mk.k_offset, n * kBlockN, min(kBlockN, Sk - n * kBlockN), lane,
                    k_min, k_max);
@@ -190,16 +194,17 @@ __global__ void __launch_bounds__(Tr::kNThreads)
     float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+      mx[0] = max_nan(mx[0], max_nan(s[nt][0], s[nt][1]));
+      mx[1] = max_nan(mx[1], max_nan(s[nt][2], s[nt][3]));
     }
     float m_use[2], alpha[2], rs[2] = {0.f, 0.f};
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
-      mx[t] = fmaxf(mx[t], __shfl_xor_sync(0xffffffffu, mx[t], 1));
-      mx[t] = fmaxf(mx[t], __shfl_xor_sync(0xffffffffu, mx[t], 2));
+      mx[t] = max_nan(mx[t], __shfl_xor_sync(0xffffffffu, mx[t], 1));
+      mx[t] = max_nan(mx[t], __shfl_xor_sync(0xffffffffu, mx[t], 2));
       // A row with no key so far keeps m = -inf; subtracting 0 instead keeps exp2 at
-      // exp2(-inf) = 0 rather than NaN from (-inf) - (-inf).
+      // exp2(-inf) = 0 rather than NaN from (-inf) - (-inf). Only a true -inf: a NaN max
+      // must reach P (and l) so the row is NaN, as in math.
       m_use[t] = mx[t] == -INFINITY ? 0.f : mx[t];
       alpha[t] = exp2f((m_run[t] - m_use[t]) * kLog2e);
       m_run[t] = mx[t];
@@ -243,7 +248,9 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   }
   cp_async_wait<0>();  // no copy may still target smem when the CTA exits
 
-  // Epilogue: O / (l (1-p)), lse = m + log l; rows with l == 0 -> 0 and -inf.
+  // Epilogue: O / (l (1-p)), lse = m + log l; rows with l == 0 (no key) -> 0 and -inf.
+  // l == 0 rather than l > 0: a NaN l must give a NaN row and lse; and O * 0 keeps the
+  // NaN that math's 0 * V gives a no-key row when V holds NaN.
   const float keep_scale = dropout ? 1.f / (1.f - static_cast<float>(p.dropout.p)) : 1.f;
   const int64_t row_base = (static_cast<int64_t>(b) * sh.Hq + h) * sh.Sq;
 #pragma unroll
@@ -253,7 +260,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int i = m0 + r_loc + 8 * t;
     if (i >= Sq) continue;
-    const float inv = l > 0.f ? keep_scale / l : 0.f;
+    const float inv = l == 0.f ? 0.f : keep_scale / l;
     const int64_t orow = (row_base + i) * Dv;
 #pragma unroll
     for (int ot = 0; ot < kOT; ++ot) {
@@ -279,7 +286,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
     if (lane % 4 == 0) {
       // bf16 / fp16 inputs: the accumulation type, hence lse, is float (attn_params.h).
       float* lse = static_cast<float*>(p.lse);
-      lse[row_base + i] = l > 0.f ? m_run[t] + log2f(l) * kLn2 : -INFINITY;
+      lse[row_base + i] = l == 0.f ? -INFINITY : m_run[t] + log2f(l) * kLn2;
     }
   }
 }

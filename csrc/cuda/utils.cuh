@@ -168,6 +168,23 @@ __device__ __forceinline__ int64_t k_position(const AttnMaskParams& m, int j) {
   return m.k_pos ? m.k_pos[j] : m.k_offset + j;
 }
 
+// Non-finite inputs follow torch's math backend (attn_params.h): a NaN anywhere in a row's
+// scores makes the row NaN. fmaxf returns the other operand for a NaN (IEEE maxNum), so a
+// running max built with it silently drops a NaN score and the row came out finite or 0;
+// PTX max.NaN (sm_80+, one FMNMX like fmaxf) returns NaN if either operand is NaN.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// Whether tiles or elements that causality masks may be skipped: only when every value
+// they would read is finite (AttnMaskParams::nonfinite), since math gives NaN for
+// NaN + (-inf) and 0 * NaN. Non-causal calls never skip (nullptr means nothing to skip).
+__device__ __forceinline__ bool causal_skip_ok(const AttnMaskParams& m) {
+  return m.causal && (m.nonfinite == nullptr || *m.nonfinite == 0);
+}
+
 // Min and max of positions [start, start + len) (len >= 1), identical in every lane of
 // the warp. Used to skip tiles that causality masks entirely and to drop per-element
 // masking where causality masks nothing: positions may be any map (zigzag, striped).
