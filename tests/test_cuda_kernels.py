@@ -169,9 +169,10 @@ def _qkv(dtype: torch.dtype, b: int, hq: int, hk: int, sq: int, sk: int, d: int,
 
 
 # ---------------------------------------------------------------------------------------
-# Head dims: every instantiation (64, 96, 128, 256), odd dims padded up, Dv != D.
-HEAD_DIMS = [(32, 32), (64, 64), (72, 72), (80, 80), (96, 96), (128, 128), (256, 256),
-             (8, 40), (64, 128), (128, 64), (200, 33), (3, 3)]
+# Head dims: every instantiation (64, 96, 128, 192, 256), odd dims padded up, Dv != D.
+HEAD_DIMS = [(32, 32), (64, 64), (72, 72), (80, 80), (96, 96), (128, 128), (160, 160),
+             (192, 192), (192, 128), (256, 256), (8, 40), (64, 128), (128, 64), (200, 33),
+             (3, 3)]
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=str)
@@ -180,6 +181,22 @@ HEAD_DIMS = [(32, 32), (64, 64), (72, 72), (80, 80), (96, 96), (128, 128), (256,
 def test_head_dims(d: int, dv: int, is_causal: bool, dtype: torch.dtype) -> None:
     q, k, v = _qkv(dtype, 2, 2, 2, 133, 70, d, dv, seed=d + dv)
     _check(q, k, v, is_causal=is_causal)
+
+
+# ---------------------------------------------------------------------------------------
+# The 99 KB tiles (tile_config.h variant 1: fwd hd128 128 x 32, hd192/256 128 x 16; bwd
+# hd192 64 x 32, hd256 32 x 32 with 4 warps) that sm_86/89/120 GPUs launch, forced on any
+# GPU by RING_ATTN_SMEM_LIMIT; lengths cross their tile edges, with a mask and causal.
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("d", [128, 192, 256])
+def test_small_smem_tiles(d: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RING_ATTN_SMEM_LIMIT", "101376")
+    assert torch.ops.ring_attn._cuda_tile_config(d, dtype, False, 101376)[4] == 1
+    q, k, v = _qkv(dtype, 2, 4, 2, 150, 211, d, seed=d)
+    _check(q, k, v)
+    _check(q, k, v, is_causal=True, q_offset=40, dlse=True)
+    mask = random_float_mask((2, 1, 150, 211), F32, _gen(3), device="cuda")
+    _check(q, k, v, attn_mask=mask)
 
 
 # ---------------------------------------------------------------------------------------

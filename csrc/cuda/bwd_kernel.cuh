@@ -28,7 +28,7 @@ namespace ring_attn {
 namespace cuda {
 
 template <typename Elem, typename Tr>
-__global__ void __launch_bounds__(Tr::kNThreads)
+__global__ void __launch_bounds__(Tr::kNThreads, 1)
     bwd_tc_kernel(const AttnBwdParams p, float* __restrict__ dq_accum, const bool grad_fp32) {
   using Ops = ElemOps<Elem>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kHD = Tr::kHeadDim;

@@ -44,7 +44,10 @@ __global__ void __launch_bounds__(Tr::kNThreads)
 
   const auto& sh = p.shape;
   const AttnMaskParams& mk = p.mask;
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // Causal: the last query blocks see the most keys; launching them first (FA2's order)
+  // leaves the short blocks for the tail wave. Order only: every block is still computed.
+  const int m_block = mk.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int Sq = static_cast<int>(sh.Sq), Sk = static_cast<int>(sh.Sk);
   const int D = static_cast<int>(sh.D), Dv = static_cast<int>(sh.Dv);

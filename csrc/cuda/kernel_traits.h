@@ -43,7 +43,12 @@ struct FwdTraits {
 // hd256: FA2 uses 128 x 64 with 8 warps on sm80; O alone is 128 fp32 registers per thread
 //        at hd256, so we take kBlockN 32 to bound S and smem (132 KB, fits the 163 KB sm80
 //        limit with double-buffered K/V), 128 x 16 (99 KB) under 99 KB.
-// Occupancy is register-limited, not smem-limited: PTXAS_FWD_NOTE
+// Occupancy is register-limited to one 8-warp CTA per SM for every configuration, not set
+// by smem: ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled) reports, sm_80 / sm_90,
+// 177 / 175 registers at hd64, 209 / 182 at hd96, 229 / 224 at hd128, 252 / 247 at hd192,
+// 251 / 244 at hd256, and for the 99 KB tiles 192 / 169 (hd128), 196 / 188 (hd192),
+// 236 / 234 (hd256). 256 threads x 177 registers (allocated in 8s: 184) = 47,104 of an
+// SM's 65,536, so a second CTA never fits, even where smem would allow it (hd64: 54 KB).
 template <int kHeadDim, int kVariant>
 struct FwdConfig {
   static constexpr TileConfig kTile = fwd_tiles(kHeadDim).c[kVariant];
@@ -96,7 +101,13 @@ struct BwdTraits {
 // with 8 warps (85.5 KB), hd256 32 x 32 with 4 warps (71.3 KB; an 8-warp layout needs at
 // least 64 x 32, 109.5 KB). A 128-key CTA (FA2's choice) and double-buffered Q/dO are the
 // next steps to try on a GPU.
-// PTXAS_BWD_NOTE
+// ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled), sm_80 / sm_90: 152 / 176
+// registers at hd64, 182 / 207 at hd96, 221 / 241 at hd128, 216 / 232 at hd192, 255 / 240
+// at hd256; 99 KB tiles 164 / 162 (hd192) and 250 / 250 (hd256, 4 warps). So one 8-warp
+// CTA per SM everywhere (register-limited), and one 4-warp CTA for hd256 under 99 KB
+// (smem-limited: 2 x 72,960 B > 100 KB per SM). __launch_bounds__(kNThreads, 1): without
+// the minimum of 1 CTA per SM, ptxas capped the hd192 64 x 32 tile at 128 registers
+// (aiming at 2 CTAs) and spilled 66 bytes.
 template <int kHeadDim, int kVariant>
 struct BwdConfig {
   static constexpr TileConfig kTile = bwd_tiles(kHeadDim).c[kVariant];

@@ -21,7 +21,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -139,9 +141,17 @@ void check_arch() {
 
 // The tile variant (tile_config.h) for head dim hd on the current GPU, or a clear error
 // when even the smallest tile needs more shared memory than the GPU gives one block.
+// RING_ATTN_SMEM_LIMIT (bytes) lowers the limit assumed, so an A100/H100 can run the
+// 99 KB tiles that RTX/L4/L40S-class GPUs use (tests/test_cuda_kernels.py does).
 int pick_tile(int hd, bool backward) {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
-  const long long limit = static_cast<long long>(prop->sharedMemPerBlockOptin);
+  long long limit = static_cast<long long>(prop->sharedMemPerBlockOptin);
+  if (const char* env = std::getenv("RING_ATTN_SMEM_LIMIT")) {
+    const long long cap = std::atoll(env);
+    TORCH_CHECK(cap > 0, "ring_attn: RING_ATTN_SMEM_LIMIT must be a positive number of "
+                "bytes, got '", env, "'");
+    limit = std::min(limit, cap);
+  }
   const int v = select_tile(hd, 2, backward, limit);
   if (v >= 0) return v;
   const TileCandidates t = tiles(hd, backward);

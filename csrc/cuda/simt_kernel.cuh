@@ -102,8 +102,7 @@ __device__ __forceinline__ void store_row(void* out, bool as_f32, int64_t off, c
 
 // Whether key j may be skipped for query i without computing it: only when causality
 // masks it and causal_skip_ok (then its contribution is exactly 0).
-__device__ __forceinline__ bool simt_skip(const AttnMaskParams& m, bool skip_ok, int64_t qpos,
-                                          int64_t kpos) {
+__device__ __forceinline__ bool simt_skip(bool skip_ok, int64_t qpos, int64_t kpos) {
   return skip_ok && kpos > qpos;
 }
 
@@ -157,7 +156,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   C m = -INFINITY, l = 0;
   for (int j = 0; j < sh.Sk; ++j) {
     const int64_t kpos = k_position(mk, j);
-    if (simt_skip(mk, skip_ok, qpos, kpos)) continue;
+    if (simt_skip(skip_ok, qpos, kpos)) continue;
     load_row(kr, kb + j * p.k_stride[2], D, lane);
     const C s = dot_row(q, kr) * scale + simt_mask_add<A>(mk, mask_bh, i, j, qpos, kpos);
     const C m_new = max_nan(m, s);
@@ -226,7 +225,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
     const C keep_scale = p.dropout.p > 0.f ? C(1) / (C(1) - p.dropout.p) : C(1);
     for (int j = 0; j < sh.Sk; ++j) {
       const int64_t kpos = k_position(mk, j);
-      if (simt_skip(mk, skip_ok, qpos, kpos)) continue;
+      if (simt_skip(skip_ok, qpos, kpos)) continue;
       load_row(kr, kb + j * p.k_stride[2], D, lane);
       load_row(vr, vb + j * p.v_stride[2], Dv, lane);
       const C s = dot_row(q, kr) * scale + simt_mask_add<A>(mk, mask_bh, i, j, qpos, kpos);
@@ -273,7 +272,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
       const C lse = to_c(static_cast<const A*>(p.lse)[row0 + i]);
       if (skip_ok && lse == -INFINITY) continue;  // no key: P = 0, contributes exactly 0
       const int64_t qpos = q_position(mk, i);
-      if (simt_skip(mk, skip_ok, qpos, kpos)) continue;
+      if (simt_skip(skip_ok, qpos, kpos)) continue;
       load_row(q, qb + i * p.q_stride[2], D, lane);
       load_row(dout, dob + i * p.dout_stride[2], Dv, lane);
       const C s = dot_row(q, kr) * scale + simt_mask_add<A>(mk, mask_bh, i, j, qpos, kpos);
