@@ -385,3 +385,19 @@ def test_rejects_head_dim_over_256() -> None:
 def test_long_causal(dtype: torch.dtype) -> None:
     q, k, v = _qkv(dtype, 1, 4, 2, 1100, 1300, 128, seed=37)
     _check(q, k, v, is_causal=True, q_offset=200)
+
+
+# ---------------------------------------------------------------------------------------
+# float32 with very large logits (std 300, |s| up to ~1500) and few keys (issue 8 §5): the
+# SIMT path computes in double, so out stays within 3x torch's own float32 error (a float32
+# s - m alone loses ulp(1500) = 1.2e-4 in the exponent); gradients as everywhere else.
+@pytest.mark.parametrize("sk", [3, 15, 300])
+def test_float32_extreme_logits(sk: int) -> None:
+    q, k, v = _qkv(F32, 1, 2, 2, 64, sk, 64, seed=sk)
+    q = q * 300.0
+    out, _ = torch.ops.ring_attn.attn_fwd(q, k, v, None, None, None, 0, 0, False, 0.125, 0.0,
+                                          None, False)
+    ref_out, _ = reference(q, k, v, scale=0.125)
+    low_out, _ = reference(q, k, v, scale=0.125, dtype=F32)
+    assert_close_to_ref(out, low_out, ref_out, factor=3.0, what="out")
+    _check(q, k, v, scale=0.125)

@@ -135,7 +135,10 @@ __device__ __forceinline__ void cp_async_wait() {
 // row, zero-filling everything outside: padded head-dim lanes and rows past the sequence
 // end must be exact zeros (0 * garbage could be NaN in the products). 16-byte chunks use
 // cp.async when the source is 16-byte aligned; ragged chunks (odd head dims, unaligned
-// views) fall back to element loads.
+// views) fall back to element loads. That synchronous fallback stays for now: when
+// D % 8 != 0 every row after the first starts off a 16-byte boundary (row stride 2D
+// bytes), which the 16-byte cp.async forbids; 4- or 8-byte cp.async.ca (D even / D % 4 ==
+// 0) would cover most such D at 2-4x the copy instructions, to be measured on a GPU first.
 template <int kRows, int kCols, int kNThreads, typename Elem>
 __device__ __forceinline__ void load_tile(Elem* smem, int sstride, const Elem* gmem,
                                           int64_t gstride, int rows_valid, int cols_valid) {
