@@ -320,6 +320,11 @@ def test_dropout_exact_elements(dtype: torch.dtype) -> None:
     kp = torch.arange(97) * 3 + 2  # positions not multiples of 4: pairs straddle groups
     _check(q, k, v, dropout_p=0.2, seed=99, k_pos=kp, q_pos=torch.arange(131) * 2,
            is_causal=True, factor=2.0)
+    # Contiguous keys at k_offset % 4 == 0 share one Philox call per lane pair
+    # (dropout_keep_pair); other offsets draw per lane (dropout_keep2). Both exact.
+    for k_offset in (8, 3):
+        _check(q, k, v, dropout_p=0.3, seed=5, k_offset=k_offset, q_offset=200,
+               is_causal=True, factor=2.0)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=str)

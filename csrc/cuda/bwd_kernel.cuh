@@ -62,6 +62,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const bool has_mask = mk.kind != MaskKind::kNone;
   const bool skip_ok = causal_skip_ok(mk);
   const bool dropout = p.dropout.p > 0.f;
+  const bool pair_rng = dropout_pair_ok(mk);
   const float keep_scale = dropout ? 1.f / (1.f - static_cast<float>(p.dropout.p)) : 1.f;
   const float scale = static_cast<float>(p.scale);
 
@@ -151,6 +152,22 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
             Ops::mma(dp[2 * nt2 + 1], a, bb[2], bb[3]);
           }
         }
+        // Dropout bits of a lane pair's keys for both rows, one Philox call per lane
+        // (dropout_keep_pair; warp-uniform: every lane runs this loop).
+        uint32_t pair_bits[kT1];
+#pragma unroll
+        for (int nt = 0; nt < kT1; ++nt) pair_bits[nt] = 0u;
+        if (dropout && pair_rng) {
+          const int i0 = m0 + wm1 * 16 + lane / 4;
+          const int64_t qp0 = i0 < Sq ? q_position(mk, i0) : 0;
+          const int64_t qp1 = i0 + 8 < Sq ? q_position(mk, i0 + 8) : 0;
+#pragma unroll
+          for (int nt = 0; nt < kT1; ++nt) {
+            pair_bits[nt] = dropout_keep_pair(
+                p.dropout, b, h, qp0, qp1,
+                mk.k_offset + n0 + wn1 * kN1 + nt * 8 + 4 * ((lane % 4) >> 1), lane);
+          }
+        }
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
           const int i_loc = wm1 * 16 + lane / 4 + 8 * t;
@@ -165,7 +182,15 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
             const int64_t kpos0 = j0 < Sk ? k_position(mk, j0) : 0;
             const int64_t kpos1 = j0 + 1 < Sk ? k_position(mk, j0 + 1) : 0;
             bool keep[2] = {true, true};
-            if (dropout && i < Sq) dropout_keep2(p.dropout, b, h, qpos, kpos0, kpos1, keep[0], keep[1]);
+            if (dropout && i < Sq) {
+              if (pair_rng) {
+                const uint32_t bits = pair_bits[nt] >> (4 * t + 2 * (lane & 1));
+                keep[0] = bits & 1u;
+                keep[1] = (bits >> 1) & 1u;
+              } else {
+                dropout_keep2(p.dropout, b, h, qpos, kpos0, kpos1, keep[0], keep[1]);
+              }
+            }
             float pd[2], ds[2];
 #pragma unroll
             for (int jj = 0; jj < 2; ++jj) {

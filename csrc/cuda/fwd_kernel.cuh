@@ -62,6 +62,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   const void* mask_bh = mask_slice(mk, b, h);
   const bool has_mask = mk.kind != MaskKind::kNone;
   const bool dropout = p.dropout.p > 0.f;
+  const bool pair_rng = dropout_pair_ok(mk);
 
   // This thread's two accumulator rows: r and r + 8 of the warp's 16.
   const int r_loc = warp * 16 + lane / 4;
@@ -162,12 +163,18 @@ __global__ void __launch_bounds__(Tr::kNThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] *= scale;
     uint32_t keep_bits = 0xffffffffu;  // bit 4*nt + e: element s[nt][e] is kept
-    if (need_mask || dropout) {
+    if (need_mask || dropout) {  // warp-uniform (dropout_keep_pair shuffles)
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         const int j0 = n0 + nt * 8 + 2 * (lane % 4);
         const int64_t kpos0 = j0 < Sk ? k_position(mk, j0) : 0;
         const int64_t kpos1 = j0 + 1 < Sk ? k_position(mk, j0 + 1) : 0;
+        // One Philox call per lane instead of two (keys past Sk draw bits never used).
+        const uint32_t pair_bits =
+            dropout && pair_rng
+                ? dropout_keep_pair(p.dropout, b, h, qpos[0], qpos[1],
+                                    mk.k_offset + n0 + nt * 8 + 4 * ((lane % 4) >> 1), lane)
+                : 0u;
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
           if (need_mask) {
@@ -185,7 +192,13 @@ __global__ void __launch_bounds__(Tr::kNThreads)
           }
           if (dropout && row_ok[t]) {
             bool k0, k1;
-            dropout_keep2(p.dropout, b, h, qpos[t], kpos0, kpos1, k0, k1);
+            if (pair_rng) {
+              const uint32_t bits = pair_bits >> (4 * t + 2 * (lane & 1));
+              k0 = bits & 1u;
+              k1 = (bits >> 1) & 1u;
+            } else {
+              dropout_keep2(p.dropout, b, h, qpos[t], kpos0, kpos1, k0, k1);
+            }
             if (!k0) keep_bits &= ~(1u << (4 * nt + 2 * t));
             if (!k1) keep_bits &= ~(1u << (4 * nt + 2 * t + 1));
           }

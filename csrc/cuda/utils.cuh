@@ -277,6 +277,33 @@ __device__ __forceinline__ void dropout_keep2(const DropoutParams& d, int b, int
   }
 }
 
+// Whether dropout_keep_pair may serve a warp: contiguous key positions (no map) with
+// k_offset % 4 == 0, so the four keys a lane pair holds in an n8 tile (whose first column
+// is a multiple of 8) share one Philox counter (kpos >> 2). Warp-uniform.
+__device__ __forceinline__ bool dropout_pair_ok(const AttnMaskParams& m) {
+  return m.k_pos == nullptr && (static_cast<uint64_t>(m.k_offset) & 3u) == 0;
+}
+
+// Keep bits of the four keys kpos4 .. kpos4 + 3 (kpos4 % 4 == 0) for two rows, shared by
+// lanes 2u and 2u + 1 of an mma accumulator fragment: both hold rows (qpos0, qpos1), the
+// even lane keys kpos4 + {0, 1}, the odd lane kpos4 + {2, 3}. dropout_keep2 has each lane
+// draw both rows' Philox call, so the pair drew the same two calls twice; here the even
+// lane draws row 0's, the odd lane row 1's, and one shuffle swaps the 4-bit results.
+// Returns bit 4 t + w = key kpos4 + w of row t kept (dropout_rng.h's decision, bit for
+// bit). Every lane of the warp must call it (shuffle).
+__device__ __forceinline__ uint32_t dropout_keep_pair(const DropoutParams& d, int b, int h,
+                                                      int64_t qpos0, int64_t qpos1,
+                                                      int64_t kpos4, int lane) {
+  const bool odd = lane & 1;
+  const Philox4 r = dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
+                                  odd ? qpos1 : qpos0, kpos4);
+  uint32_t own = 0;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) own |= (r.w[w] >= d.threshold ? 1u : 0u) << w;
+  const uint32_t other = __shfl_xor_sync(0xffffffffu, own, 1);
+  return odd ? (other | own << 4) : (own | other << 4);
+}
+
 __host__ __device__ constexpr int ceil_div(int64_t a, int b) {
   return static_cast<int>((a + b - 1) / b);
 }
