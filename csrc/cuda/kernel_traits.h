@@ -45,10 +45,11 @@ struct FwdTraits {
 //        limit with double-buffered K/V), 128 x 16 (99 KB) under 99 KB.
 // Occupancy is register-limited to one 8-warp CTA per SM for every configuration, not set
 // by smem: ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled) reports, sm_80 / sm_90,
-// 177 / 175 registers at hd64, 209 / 182 at hd96, 229 / 224 at hd128, 252 / 247 at hd192,
-// 251 / 244 at hd256, and for the 99 KB tiles 192 / 169 (hd128), 196 / 188 (hd192),
-// 236 / 234 (hd256). 256 threads x 177 registers (allocated in 8s: 184) = 47,104 of an
+// 180 / 179 registers at hd64, 215 / 208 at hd96, 231 / 232 at hd128, 252 / 253 at hd192,
+// 253 / 245 at hd256, and for the 99 KB tiles 192 / 188 (hd128), 200 / 200 (hd192),
+// 242 / 238 (hd256). 256 threads x 180 registers (allocated in 8s: 184) = 47,104 of an
 // SM's 65,536, so a second CTA never fits, even where smem would allow it (hd64: 54 KB).
+// The compute_90 PTX assembles for sm_100 and sm_120 with 176-249 registers, 0 spilled.
 template <int kHeadDim, int kVariant>
 struct FwdConfig {
   static constexpr TileConfig kTile = fwd_tiles(kHeadDim).c[kVariant];
@@ -101,9 +102,9 @@ struct BwdTraits {
 // with 8 warps (85.5 KB), hd256 32 x 32 with 4 warps (71.3 KB; an 8-warp layout needs at
 // least 64 x 32, 109.5 KB). A 128-key CTA (FA2's choice) and double-buffered Q/dO are the
 // next steps to try on a GPU.
-// ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled), sm_80 / sm_90: 152 / 176
-// registers at hd64, 182 / 207 at hd96, 221 / 241 at hd128, 216 / 232 at hd192, 255 / 240
-// at hd256; 99 KB tiles 164 / 162 (hd192) and 250 / 250 (hd256, 4 warps). So one 8-warp
+// ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled), sm_80 / sm_90: 162 / 178
+// registers at hd64, 185 / 209 at hd96, 222 / 241 at hd128, 226 / 233 at hd192, 255 / 242
+// at hd256; 99 KB tiles 166 / 164 (hd192) and 252 / 246 (hd256, 4 warps). So one 8-warp
 // CTA per SM everywhere (register-limited), and one 4-warp CTA for hd256 under 99 KB
 // (smem-limited: 2 x 72,960 B > 100 KB per SM). __launch_bounds__(kNThreads, 1): without
 // the minimum of 1 CTA per SM, ptxas capped the hd192 64 x 32 tile at 128 registers
