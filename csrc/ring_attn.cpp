@@ -4,12 +4,46 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "cuda/tile_config.h"
+
 // An empty module: importing ring_attn._C loads this library, whose static initialisers
 // register the ops. No pybind11 symbols are needed, which keeps an abi3 wheel possible.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+
+namespace {
+
+// ring_attn::_cuda_tile_config: the tile the CUDA tensor-core kernels would launch for
+// (head_dim, dtype, direction) on a GPU allowing smem_limit bytes of shared memory per
+// block (sharedMemPerBlockOptin): [block_m, block_n, n_warps, smem_bytes, variant]. The
+// very function launch.cu calls (cuda/tile_config.h), available in every build, so the
+// CPU test suite covers each GPU's limit.
+std::vector<int64_t> cuda_tile_config(int64_t head_dim, c10::ScalarType dtype, bool backward,
+                                      int64_t smem_limit) {
+  TORCH_CHECK(dtype == c10::kBFloat16 || dtype == c10::kHalf,
+              "ring_attn: _cuda_tile_config: dtype must be bfloat16 or float16 (the "
+              "tensor-core kernels; float32/float64 use the SIMT kernels, no smem tiles), got ",
+              dtype);
+  using namespace ring_attn::cuda;
+  const int hd = static_cast<int>(head_dim);
+  const TileCandidates t = tiles(hd, backward);
+  TORCH_CHECK(head_dim == hd && t.n > 0,
+              "ring_attn: _cuda_tile_config: head_dim must be one of the instantiated "
+              "64, 96, 128, 192, 256, got ", head_dim);
+  const int v = select_tile(hd, 2, backward, smem_limit);
+  TORCH_CHECK(v >= 0, "ring_attn: the ", backward ? "backward" : "forward",
+              " tensor-core kernel at head dim ", hd, " needs at least ",
+              tile_smem_bytes(hd, backward, t.c[t.n - 1], 2),
+              " bytes of shared memory per block, but smem_limit is ", smem_limit);
+  const TileConfig& c = t.c[v];
+  return {c.block_m, c.block_n, c.n_warps, tile_smem_bytes(hd, backward, c, 2), v};
+}
+
+}  // namespace
 
 TORCH_LIBRARY(ring_attn, m) {
   // Local blockwise attention of one (query block, key block) pair, positions global.
@@ -39,4 +73,8 @@ TORCH_LIBRARY(ring_attn, m) {
       "int q_offset=0, int k_offset=0, bool is_causal=False, float scale=1.0, "
       "float dropout_p=0.0, Tensor? seed=None, bool grad_fp32=False) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+  // Introspection for tests (no tensors): see cuda_tile_config above.
+  m.def("_cuda_tile_config(int head_dim, ScalarType dtype, bool backward, int smem_limit) "
+        "-> int[]",
+        &cuda_tile_config);
 }

@@ -169,9 +169,10 @@ def _qkv(dtype: torch.dtype, b: int, hq: int, hk: int, sq: int, sk: int, d: int,
 
 
 # ---------------------------------------------------------------------------------------
-# Head dims: every instantiation (64, 96, 128, 256), odd dims padded up, Dv != D.
-HEAD_DIMS = [(32, 32), (64, 64), (72, 72), (80, 80), (96, 96), (128, 128), (256, 256),
-             (8, 40), (64, 128), (128, 64), (200, 33), (3, 3)]
+# Head dims: every instantiation (64, 96, 128, 192, 256), odd dims padded up, Dv != D.
+HEAD_DIMS = [(32, 32), (64, 64), (72, 72), (80, 80), (96, 96), (128, 128), (160, 160),
+             (192, 192), (192, 128), (256, 256), (8, 40), (64, 128), (128, 64), (200, 33),
+             (3, 3)]
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=str)
@@ -180,6 +181,22 @@ HEAD_DIMS = [(32, 32), (64, 64), (72, 72), (80, 80), (96, 96), (128, 128), (256,
 def test_head_dims(d: int, dv: int, is_causal: bool, dtype: torch.dtype) -> None:
     q, k, v = _qkv(dtype, 2, 2, 2, 133, 70, d, dv, seed=d + dv)
     _check(q, k, v, is_causal=is_causal)
+
+
+# ---------------------------------------------------------------------------------------
+# The 99 KB tiles (tile_config.h variant 1: fwd hd128 128 x 32, hd192/256 128 x 16; bwd
+# hd192 64 x 32, hd256 32 x 32 with 4 warps) that sm_86/89/120 GPUs launch, forced on any
+# GPU by RING_ATTN_SMEM_LIMIT; lengths cross their tile edges, with a mask and causal.
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("d", [128, 192, 256])
+def test_small_smem_tiles(d: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RING_ATTN_SMEM_LIMIT", "101376")
+    assert torch.ops.ring_attn._cuda_tile_config(d, dtype, False, 101376)[4] == 1
+    q, k, v = _qkv(dtype, 2, 4, 2, 150, 211, d, seed=d)
+    _check(q, k, v)
+    _check(q, k, v, is_causal=True, q_offset=40, dlse=True)
+    mask = random_float_mask((2, 1, 150, 211), F32, _gen(3), device="cuda")
+    _check(q, k, v, attn_mask=mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,6 +320,11 @@ def test_dropout_exact_elements(dtype: torch.dtype) -> None:
     kp = torch.arange(97) * 3 + 2  # positions not multiples of 4: pairs straddle groups
     _check(q, k, v, dropout_p=0.2, seed=99, k_pos=kp, q_pos=torch.arange(131) * 2,
            is_causal=True, factor=2.0)
+    # Contiguous keys at k_offset % 4 == 0 share one Philox call per lane pair
+    # (dropout_keep_pair); other offsets draw per lane (dropout_keep2). Both exact.
+    for k_offset in (8, 3):
+        _check(q, k, v, dropout_p=0.3, seed=5, k_offset=k_offset, q_offset=200,
+               is_causal=True, factor=2.0)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=str)
@@ -368,3 +390,19 @@ def test_rejects_head_dim_over_256() -> None:
 def test_long_causal(dtype: torch.dtype) -> None:
     q, k, v = _qkv(dtype, 1, 4, 2, 1100, 1300, 128, seed=37)
     _check(q, k, v, is_causal=True, q_offset=200)
+
+
+# ---------------------------------------------------------------------------------------
+# float32 with very large logits (std 300, |s| up to ~1500) and few keys (issue 8 §5): the
+# SIMT path computes in double, so out stays within 3x torch's own float32 error (a float32
+# s - m alone loses ulp(1500) = 1.2e-4 in the exponent); gradients as everywhere else.
+@pytest.mark.parametrize("sk", [3, 15, 300])
+def test_float32_extreme_logits(sk: int) -> None:
+    q, k, v = _qkv(F32, 1, 2, 2, 64, sk, 64, seed=sk)
+    q = q * 300.0
+    out, _ = torch.ops.ring_attn.attn_fwd(q, k, v, None, None, None, 0, 0, False, 0.125, 0.0,
+                                          None, False)
+    ref_out, _ = reference(q, k, v, scale=0.125)
+    low_out, _ = reference(q, k, v, scale=0.125, dtype=F32)
+    assert_close_to_ref(out, low_out, ref_out, factor=3.0, what="out")
+    _check(q, k, v, scale=0.125)

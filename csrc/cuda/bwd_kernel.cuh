@@ -28,14 +28,16 @@ namespace ring_attn {
 namespace cuda {
 
 template <typename Elem, typename Tr>
-__global__ void __launch_bounds__(Tr::kNThreads)
+__global__ void __launch_bounds__(Tr::kNThreads, 1)
     bwd_tc_kernel(const AttnBwdParams p, float* __restrict__ dq_accum, const bool grad_fp32) {
   using Ops = ElemOps<Elem>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kHD = Tr::kHeadDim;
   constexpr int kS = Tr::kStride, kPS = Tr::kPStride, kNThreads = Tr::kNThreads;
   constexpr int kN1 = Tr::kN1, kD2 = Tr::kD2, kD3 = Tr::kD3;
-  constexpr int kD3Chunk = kD3 < 64 ? kD3 : 64;
-  static_assert(kD3 % kD3Chunk == 0, "dQ column chunks");
+  // dQ columns per chunk: the widest multiple of 16 up to 64 that divides kD3 (kD3 96 at
+  // hd192 -> 48).
+  constexpr int kD3Chunk = kD3 <= 64 ? kD3 : (kD3 % 64 == 0 ? 64 : 48);
+  static_assert(kD3 % kD3Chunk == 0 && kD3Chunk % 16 == 0, "dQ column chunks");
   constexpr int kT1 = kN1 / 8, kT2 = kD2 / 8, kT3 = kD3Chunk / 8;  // n8 tiles per warp
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -45,7 +47,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   Elem* sV = sK + kBlockN * kS;                  // [kBlockN][kS]
   Elem* sP = sV + kBlockN * kS;                  // [kBlockM][kPS]
   Elem* sdS = sP + kBlockM * kPS;                // [kBlockM][kPS]
-  float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kPS);  // [kBlockM], log2 units
+  float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kPS);  // [kBlockM]
   float* sDelta = sLse + kBlockM;                                // [kBlockM]
 
   const auto& sh = p.shape;
@@ -58,10 +60,11 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   const int n0 = n_block * kBlockN;
   const int cols_valid = min(kBlockN, Sk - n0);
   const bool has_mask = mk.kind != MaskKind::kNone;
+  const bool skip_ok = causal_skip_ok(mk);
   const bool dropout = p.dropout.p > 0.f;
+  const bool pair_rng = dropout_pair_ok(mk);
   const float keep_scale = dropout ? 1.f / (1.f - static_cast<float>(p.dropout.p)) : 1.f;
   const float scale = static_cast<float>(p.scale);
-  const float scale_log2 = scale * kLog2e;
 
   // Warp coordinates of the three phases (see kernel_traits.h).
   const int wm1 = warp % Tr::kWarpsM1, wn1 = warp / Tr::kWarpsM1;
@@ -100,7 +103,9 @@ __global__ void __launch_bounds__(Tr::kNThreads)
       const int rows_valid = min(kBlockM, Sq - m0);
       int64_t q_min, q_max;
       position_range(mk.q_pos, mk.q_offset, m0, rows_valid, lane, q_min, q_max);
-      if (mk.causal && q_max < k_min) continue;  // every (query, key) pair is masked
+      // Every (query, key) pair is masked: skip, unless an input may be non-finite
+      // (causal_skip_ok; math's NaN + (-inf) and 0 * NaN reach dQ, dK, dV).
+      if (skip_ok && q_max < k_min) continue;
       const bool need_mask =
           has_mask || cols_valid < kBlockN || (mk.causal && k_max > q_min);
 
@@ -112,8 +117,9 @@ __global__ void __launch_bounds__(Tr::kNThreads)
       cp_async_commit();
       for (int r = threadIdx.x; r < kBlockM; r += kNThreads) {
         const int i = m0 + r;
-        const float lse = i < Sq ? lse_all[row_base + i] : -INFINITY;
-        sLse[r] = lse == -INFINITY ? -INFINITY : lse * kLog2e;
+        // Natural units (mask_term in utils.cuh): lse * log2(e) overflows for lse below
+        // -2.36e38, e.g. a row padded with finfo(float32).min.
+        sLse[r] = i < Sq ? lse_all[row_base + i] : -INFINITY;
         sDelta[r] = i < Sq ? delta_all[row_base + i] : 0.f;
       }
       cp_async_wait<0>();
@@ -146,11 +152,27 @@ __global__ void __launch_bounds__(Tr::kNThreads)
             Ops::mma(dp[2 * nt2 + 1], a, bb[2], bb[3]);
           }
         }
+        // Dropout bits of a lane pair's keys for both rows, one Philox call per lane
+        // (dropout_keep_pair; warp-uniform: every lane runs this loop).
+        uint32_t pair_bits[kT1];
+#pragma unroll
+        for (int nt = 0; nt < kT1; ++nt) pair_bits[nt] = 0u;
+        if (dropout && pair_rng) {
+          const int i0 = m0 + wm1 * 16 + lane / 4;
+          const int64_t qp0 = i0 < Sq ? q_position(mk, i0) : 0;
+          const int64_t qp1 = i0 + 8 < Sq ? q_position(mk, i0 + 8) : 0;
+#pragma unroll
+          for (int nt = 0; nt < kT1; ++nt) {
+            pair_bits[nt] = dropout_keep_pair(
+                p.dropout, b, h, qp0, qp1,
+                mk.k_offset + n0 + wn1 * kN1 + nt * 8 + 4 * ((lane % 4) >> 1), lane);
+          }
+        }
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
           const int i_loc = wm1 * 16 + lane / 4 + 8 * t;
           const int i = m0 + i_loc;
-          const float lse2 = sLse[i_loc];
+          const float lse = sLse[i_loc];
           const float dlt = sDelta[i_loc];
           const int64_t qpos = i < Sq ? q_position(mk, i) : 0;
 #pragma unroll
@@ -160,16 +182,24 @@ __global__ void __launch_bounds__(Tr::kNThreads)
             const int64_t kpos0 = j0 < Sk ? k_position(mk, j0) : 0;
             const int64_t kpos1 = j0 + 1 < Sk ? k_position(mk, j0 + 1) : 0;
             bool keep[2] = {true, true};
-            if (dropout && i < Sq) dropout_keep2(p.dropout, b, h, qpos, kpos0, kpos1, keep[0], keep[1]);
+            if (dropout && i < Sq) {
+              if (pair_rng) {
+                const uint32_t bits = pair_bits[nt] >> (4 * t + 2 * (lane & 1));
+                keep[0] = bits & 1u;
+                keep[1] = (bits >> 1) & 1u;
+              } else {
+                dropout_keep2(p.dropout, b, h, qpos, kpos0, kpos1, keep[0], keep[1]);
+              }
+            }
             float pd[2], ds[2];
 #pragma unroll
             for (int jj = 0; jj < 2; ++jj) {
-              float x = s[nt][2 * t + jj] * scale_log2;
+              float x = s[nt][2 * t + jj] * scale;
               if (need_mask) {
                 if (i >= Sq || j0 + jj >= Sk) x = -INFINITY;
-                else x += mask_term_log2(mk, mask_bh, i, j0 + jj, qpos, jj ? kpos1 : kpos0);
+                else x += mask_term(mk, mask_bh, i, j0 + jj, qpos, jj ? kpos1 : kpos0);
               }
-              const float pr = lse2 == -INFINITY ? 0.f : exp2f(x - lse2);
+              const float pr = lse == -INFINITY ? 0.f : exp2f((x - lse) * kLog2e);
               const float dpk = keep[jj] ? dp[nt][2 * t + jj] * keep_scale : 0.f;
               pd[jj] = keep[jj] ? pr * keep_scale : 0.f;
               ds[jj] = pr * (dpk - dlt);
@@ -268,11 +298,11 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   }
 }
 
-// Host launcher, instantiated once per (dtype, head dim) in csrc/cuda/inst/.
-template <typename Elem, int kHeadDim>
+// Host launcher, instantiated once per (dtype, head dim, tile variant) in csrc/cuda/inst/.
+template <typename Elem, int kHeadDim, int kVariant>
 cudaError_t run_bwd_tc(const AttnBwdParams& p, float* dq_accum, bool grad_fp32,
                        cudaStream_t stream) {
-  using Tr = typename BwdConfig<kHeadDim>::T;
+  using Tr = typename BwdConfig<kHeadDim, kVariant>::T;
   static_assert(sizeof(Elem) == 2, "kSmemBytes assumes 2-byte elements");
   const size_t smem = Tr::kSmemBytes;
   auto kernel = bwd_tc_kernel<Elem, Tr>;

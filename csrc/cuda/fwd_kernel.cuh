@@ -6,12 +6,16 @@
 //   2. Per tile, each warp (16 query rows) computes S = Q K^T with mma.sync.m16n8k16
 //      (operands via ldmatrix), scales it, applies the mask (causal on global positions,
 //      bool / additive mask, sequence ends) where the tile needs it, and updates the
-//      online softmax in fp32 registers: m = max(m, rowmax S), P = exp2(S - m), l and O
-//      rescaled by exp2(m_old - m). P is re-packed in registers as the A operand of
+//      online softmax in fp32 registers: m = max(m, rowmax S), P = exp2((S - m) log2 e),
+//      l and O rescaled by exp2((m_old - m) log2 e) (natural units until the exp2: see
+//      mask_term in utils.cuh). P is re-packed in registers as the A operand of
 //      O += P V (the m16n8 accumulator layout equals the m16k16 operand layout).
 //   3. One write of O / l (0 for rows without keys) and lse = m + log l (-inf there).
 // Tiles whose keys all lie after every query of the block (causal) are skipped, from the
-// positions' min/max, so zigzag / striped position maps skip exactly like contiguous ones.
+// positions' min/max, so zigzag / striped position maps skip exactly like contiguous ones,
+// unless an input may be non-finite (causal_skip_ok): math's NaN + (-inf) and 0 * NaN then
+// reach every row. The row max propagates NaN (max_nan) and only a true -inf max takes
+// the no-key branch, so NaN/inf follow torch's math backend (attn_params.h).
 // Dropout: kept probabilities feed O, every probability feeds l (lse is un-dropped), and
 // O is scaled by 1/(1-p) at the end; the keep decision is dropout_rng.h's, per element.
 // Head dims below the instantiated kHeadDim are zero-padded in smem and never written.
@@ -40,7 +44,10 @@ __global__ void __launch_bounds__(Tr::kNThreads)
 
   const auto& sh = p.shape;
   const AttnMaskParams& mk = p.mask;
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // Causal: the last query blocks see the most keys; launching them first (FA2's order)
+  // leaves the short blocks for the tail wave. Order only: every block is still computed.
+  const int m_block = mk.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int Sq = static_cast<int>(sh.Sq), Sk = static_cast<int>(sh.Sk);
   const int D = static_cast<int>(sh.D), Dv = static_cast<int>(sh.Dv);
@@ -55,6 +62,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   const void* mask_bh = mask_slice(mk, b, h);
   const bool has_mask = mk.kind != MaskKind::kNone;
   const bool dropout = p.dropout.p > 0.f;
+  const bool pair_rng = dropout_pair_ok(mk);
 
   // This thread's two accumulator rows: r and r + 8 of the warp's 16.
   const int r_loc = warp * 16 + lane / 4;
@@ -70,10 +78,11 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   position_range(mk.q_pos, mk.q_offset, m0, rows_valid, lane, q_min, q_max);
 
   const int n_blocks = ceil_div(Sk, kBlockN);
+  const bool skip_ok = causal_skip_ok(mk);
   // A tile is skipped when causality masks all of it: its first key comes after the
   // block's last query. Every warp evaluates this identically (no smem, no sync).
   auto tile_active = [&](int n) -> bool {
-    if (!mk.causal) return true;
+    if (!skip_ok) return true;
     int64_t k_min, k_max;
     position_range(mk.k_pos, mk.k_offset, n * kBlockN, min(kBlockN, Sk - n * kBlockN), lane,
                    k_min, k_max);
@@ -105,9 +114,9 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   for (int ot = 0; ot < kOT; ++ot)
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[ot][e] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY};  // running row max, log2 units
+  float m_run[2] = {-INFINITY, -INFINITY};  // running row max (natural units)
   float l_run[2] = {0.f, 0.f};              // this thread's part of the row sum
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const float scale = static_cast<float>(p.scale);
   int stage = 0;
 
   while (n < n_blocks) {
@@ -140,7 +149,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
       }
     }
 
-    // Scale to log2 units; mask where the tile needs it; draw dropout bits.
+    // Scale; mask where the tile needs it; draw dropout bits.
     const int n0 = n * kBlockN;
     const int cols_valid = min(kBlockN, Sk - n0);
     bool need_mask = has_mask || cols_valid < kBlockN;
@@ -152,14 +161,20 @@ __global__ void __launch_bounds__(Tr::kNThreads)
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+      for (int e = 0; e < 4; ++e) s[nt][e] *= scale;
     uint32_t keep_bits = 0xffffffffu;  // bit 4*nt + e: element s[nt][e] is kept
-    if (need_mask || dropout) {
+    if (need_mask || dropout) {  // warp-uniform (dropout_keep_pair shuffles)
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         const int j0 = n0 + nt * 8 + 2 * (lane % 4);
         const int64_t kpos0 = j0 < Sk ? k_position(mk, j0) : 0;
         const int64_t kpos1 = j0 + 1 < Sk ? k_position(mk, j0 + 1) : 0;
+        // One Philox call per lane instead of two (keys past Sk draw bits never used).
+        const uint32_t pair_bits =
+            dropout && pair_rng
+                ? dropout_keep_pair(p.dropout, b, h, qpos[0], qpos[1],
+                                    mk.k_offset + n0 + nt * 8 + 4 * ((lane % 4) >> 1), lane)
+                : 0u;
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
           if (need_mask) {
@@ -170,14 +185,20 @@ __global__ void __launch_bounds__(Tr::kNThreads)
               if (!row_ok[t] || j >= Sk) {
                 x = -INFINITY;
               } else {
-                x += mask_term_log2(mk, mask_bh, m0 + r_loc + 8 * t, j, qpos[t],
-                                    jj ? kpos1 : kpos0);
+                x += mask_term(mk, mask_bh, m0 + r_loc + 8 * t, j, qpos[t],
+                               jj ? kpos1 : kpos0);
               }
             }
           }
           if (dropout && row_ok[t]) {
             bool k0, k1;
-            dropout_keep2(p.dropout, b, h, qpos[t], kpos0, kpos1, k0, k1);
+            if (pair_rng) {
+              const uint32_t bits = pair_bits >> (4 * t + 2 * (lane & 1));
+              k0 = bits & 1u;
+              k1 = (bits >> 1) & 1u;
+            } else {
+              dropout_keep2(p.dropout, b, h, qpos[t], kpos0, kpos1, k0, k1);
+            }
             if (!k0) keep_bits &= ~(1u << (4 * nt + 2 * t));
             if (!k1) keep_bits &= ~(1u << (4 * nt + 2 * t + 1));
           }
@@ -189,25 +210,26 @@ __global__ void __launch_bounds__(Tr::kNThreads)
     float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+      mx[0] = max_nan(mx[0], max_nan(s[nt][0], s[nt][1]));
+      mx[1] = max_nan(mx[1], max_nan(s[nt][2], s[nt][3]));
     }
     float m_use[2], alpha[2], rs[2] = {0.f, 0.f};
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
-      mx[t] = fmaxf(mx[t], __shfl_xor_sync(0xffffffffu, mx[t], 1));
-      mx[t] = fmaxf(mx[t], __shfl_xor_sync(0xffffffffu, mx[t], 2));
+      mx[t] = max_nan(mx[t], __shfl_xor_sync(0xffffffffu, mx[t], 1));
+      mx[t] = max_nan(mx[t], __shfl_xor_sync(0xffffffffu, mx[t], 2));
       // A row with no key so far keeps m = -inf; subtracting 0 instead keeps exp2 at
-      // exp2(-inf) = 0 rather than NaN from (-inf) - (-inf).
+      // exp2(-inf) = 0 rather than NaN from (-inf) - (-inf). Only a true -inf: a NaN max
+      // must reach P (and l) so the row is NaN, as in math.
       m_use[t] = mx[t] == -INFINITY ? 0.f : mx[t];
-      alpha[t] = exp2f(m_run[t] - m_use[t]);
+      alpha[t] = exp2f((m_run[t] - m_use[t]) * kLog2e);
       m_run[t] = mx[t];
     }
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float pr = exp2f(s[nt][e] - m_use[e / 2]);
+        const float pr = exp2f((s[nt][e] - m_use[e / 2]) * kLog2e);
         rs[e / 2] += pr;
         s[nt][e] = (keep_bits >> (4 * nt + e)) & 1u ? pr : 0.f;
       }
@@ -242,7 +264,9 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   }
   cp_async_wait<0>();  // no copy may still target smem when the CTA exits
 
-  // Epilogue: O / (l (1-p)), lse = m + log l; rows with l == 0 -> 0 and -inf.
+  // Epilogue: O / (l (1-p)), lse = m + log l; rows with l == 0 (no key) -> 0 and -inf.
+  // l == 0 rather than l > 0: a NaN l must give a NaN row and lse; and O * 0 keeps the
+  // NaN that math's 0 * V gives a no-key row when V holds NaN.
   const float keep_scale = dropout ? 1.f / (1.f - static_cast<float>(p.dropout.p)) : 1.f;
   const int64_t row_base = (static_cast<int64_t>(b) * sh.Hq + h) * sh.Sq;
 #pragma unroll
@@ -252,7 +276,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int i = m0 + r_loc + 8 * t;
     if (i >= Sq) continue;
-    const float inv = l > 0.f ? keep_scale / l : 0.f;
+    const float inv = l == 0.f ? 0.f : keep_scale / l;
     const int64_t orow = (row_base + i) * Dv;
 #pragma unroll
     for (int ot = 0; ot < kOT; ++ot) {
@@ -278,15 +302,15 @@ __global__ void __launch_bounds__(Tr::kNThreads)
     if (lane % 4 == 0) {
       // bf16 / fp16 inputs: the accumulation type, hence lse, is float (attn_params.h).
       float* lse = static_cast<float*>(p.lse);
-      lse[row_base + i] = l > 0.f ? (m_run[t] + log2f(l)) * kLn2 : -INFINITY;
+      lse[row_base + i] = l == 0.f ? -INFINITY : m_run[t] + log2f(l) * kLn2;
     }
   }
 }
 
-// Host launcher, instantiated once per (dtype, head dim) in csrc/cuda/inst/.
-template <typename Elem, int kHeadDim>
+// Host launcher, instantiated once per (dtype, head dim, tile variant) in csrc/cuda/inst/.
+template <typename Elem, int kHeadDim, int kVariant>
 cudaError_t run_fwd_tc(const AttnFwdParams& p, bool out_fp32, cudaStream_t stream) {
-  using Tr = typename FwdConfig<kHeadDim>::T;
+  using Tr = typename FwdConfig<kHeadDim, kVariant>::T;
   const size_t smem = static_cast<size_t>(Tr::kSmemElems) * sizeof(Elem);
   auto kernel = fwd_tc_kernel<Elem, Tr>;
   // Above 48 KB a kernel must opt in to dynamic smem (set once per process per kernel).

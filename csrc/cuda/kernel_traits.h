@@ -12,14 +12,10 @@
 // layout, the price being twice the K/V ldmatrix traffic per mma: the first thing to tune).
 // Backward: see bwd_kernel.cuh (three warp layouts over one block, joined through smem).
 #pragma once
+#include "cuda/tile_config.h"
 
 namespace ring_attn {
 namespace cuda {
-
-// Smem rows are padded by 8 elements (16 bytes): consecutive rows then start 16 bytes
-// apart modulo 128, so the 8 row addresses of one ldmatrix hit 8 distinct 16-byte bank
-// groups (no conflicts) without an XOR swizzle. Cost: 8/128 = 6% more smem at hd128.
-constexpr int kSmemPad = 8;
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct FwdTraits {
@@ -35,21 +31,33 @@ struct FwdTraits {
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "mma k16 / paired n8 tiles");
 };
 
+// The tile of each head dim comes from tile_config.h (variant 0: preferred; variant 1: the
+// smaller tile for GPUs with 99 KB of smem per block).
 // hd64:  FA2 uses 128 x 128 with 4 warps. We take 128 x 64 (8 warps): a 64-key tile halves
-//        the S registers (32 per thread) and keeps two or more CTAs per SM in 54 KB of smem.
+//        the S registers (32 per thread); 54 KB of smem.
 // hd96:  FA2 uses 128 x 64 with 4 warps; same tile here with 8 warps (78 KB smem).
 // hd128: FA2 uses 128 x 64 (non-causal 128 x 32 on some GPUs) with 4 warps; 128 x 64 with
-//        8 warps here (102 KB smem: one CTA per SM on A100, two on H100).
+//        8 warps here (102 KB smem), 128 x 32 (68 KB) under 99 KB.
+// hd192: FA2 uses 128 x 64 with 8 warps on sm80; same here (150 KB), 128 x 16 (75 KB)
+//        under 99 KB.
 // hd256: FA2 uses 128 x 64 with 8 warps on sm80; O alone is 128 fp32 registers per thread
 //        at hd256, so we take kBlockN 32 to bound S and smem (132 KB, fits the 163 KB sm80
-//        limit with double-buffered K/V).
-// ptxas -v (sm_80, bf16 and fp16 alike): 178 / 209 / 229 / 251 registers at hd 64 / 96 /
-// 128 / 256, 0 bytes spilled; so one 8-warp CTA per SM by registers at hd >= 96.
-template <int kHeadDim> struct FwdConfig;
-template <> struct FwdConfig<64> { using T = FwdTraits<64, 128, 64, 8>; };
-template <> struct FwdConfig<96> { using T = FwdTraits<96, 128, 64, 8>; };
-template <> struct FwdConfig<128> { using T = FwdTraits<128, 128, 64, 8>; };
-template <> struct FwdConfig<256> { using T = FwdTraits<256, 128, 32, 8>; };
+//        limit with double-buffered K/V), 128 x 16 (99 KB) under 99 KB.
+// Occupancy is register-limited to one 8-warp CTA per SM for every configuration, not set
+// by smem: ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled) reports, sm_80 / sm_90,
+// 180 / 179 registers at hd64, 215 / 208 at hd96, 231 / 232 at hd128, 252 / 253 at hd192,
+// 253 / 245 at hd256, and for the 99 KB tiles 192 / 188 (hd128), 200 / 200 (hd192),
+// 242 / 238 (hd256). 256 threads x 180 registers (allocated in 8s: 184) = 47,104 of an
+// SM's 65,536, so a second CTA never fits, even where smem would allow it (hd64: 54 KB).
+// The compute_90 PTX assembles for sm_100 and sm_120 with 176-249 registers, 0 spilled.
+template <int kHeadDim, int kVariant>
+struct FwdConfig {
+  static constexpr TileConfig kTile = fwd_tiles(kHeadDim).c[kVariant];
+  static_assert(kVariant < fwd_tiles(kHeadDim).n, "no such forward tile variant");
+  using T = FwdTraits<kHeadDim, kTile.block_m, kTile.block_n, kTile.n_warps>;
+  static_assert(T::kSmemElems * 2 == fwd_smem_bytes(kHeadDim, kTile, 2),
+                "tile_config.h's smem formula must match the kernel's layout");
+};
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct BwdTraits {
@@ -84,17 +92,30 @@ struct BwdTraits {
   static_assert(kBlockM % 16 == 0 && kBlockN % 16 == 0, "mma tiles");
 };
 
-// All head dims: 64 queries x 64 keys with 8 warps. FA2's sm80 backward
+// Every head dim: 64 queries x 64 keys with 8 warps (variant 0). FA2's sm80 backward
 // (flash_bwd_launch_template.h) uses 8 warps with 128 x 128 at hd64, 64 x 128 at hd96 and
 // hd128 (64 x 64 where the GPU has < 144 KB smem per block) and 64 x 64 at hd256. Our
 // 64-key CTA gives each warp 16 keys x kHeadDim/2 columns of dK and dV: 2 x 32 fp32
 // registers at hd128, 2 x 64 at hd256, which leaves room for the transient S/dP (16 + 16)
-// and dQ (<= 32) fragments without spilling (ptxas -v, sm_80: 158 / 170 / 220 / 249
-// registers at hd 64 / 96 / 128 / 256, 0 spills). Smem (single-buffered Q/dO): 86.5 KB at
-// hd128, 150.5 KB at hd256 (under sm80's 163 KB). A 128-key CTA (FA2's choice) and
-// double-buffered Q/dO are the next steps to try on a GPU.
-template <int kHeadDim> struct BwdConfig {
-  using T = BwdTraits<kHeadDim, 64, 64, 8>;
+// and dQ (<= 32) fragments. Smem (single-buffered Q/dO): 86.5 KB at hd128, 118.5 KB at
+// hd192, 150.5 KB at hd256 (under sm80's 163 KB). Under 99 KB (variant 1): hd192 64 x 32
+// with 8 warps (85.5 KB), hd256 32 x 32 with 4 warps (71.3 KB; an 8-warp layout needs at
+// least 64 x 32, 109.5 KB). A 128-key CTA (FA2's choice) and double-buffered Q/dO are the
+// next steps to try on a GPU.
+// ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled), sm_80 / sm_90: 162 / 178
+// registers at hd64, 185 / 209 at hd96, 222 / 241 at hd128, 226 / 233 at hd192, 255 / 242
+// at hd256; 99 KB tiles 166 / 164 (hd192) and 252 / 246 (hd256, 4 warps). So one 8-warp
+// CTA per SM everywhere (register-limited), and one 4-warp CTA for hd256 under 99 KB
+// (smem-limited: 2 x 72,960 B > 100 KB per SM). __launch_bounds__(kNThreads, 1): without
+// the minimum of 1 CTA per SM, ptxas capped the hd192 64 x 32 tile at 128 registers
+// (aiming at 2 CTAs) and spilled 66 bytes.
+template <int kHeadDim, int kVariant>
+struct BwdConfig {
+  static constexpr TileConfig kTile = bwd_tiles(kHeadDim).c[kVariant];
+  static_assert(kVariant < bwd_tiles(kHeadDim).n, "no such backward tile variant");
+  using T = BwdTraits<kHeadDim, kTile.block_m, kTile.block_n, kTile.n_warps>;
+  static_assert(T::kSmemBytes == bwd_smem_bytes(kHeadDim, kTile, 2),
+                "tile_config.h's smem formula must match the kernel's layout");
 };
 
 }  // namespace cuda

@@ -4,7 +4,8 @@
 // the CPU backend); this file adds the CUDA-only checks, the device guard and stream, and
 // maps (dtype, head dim) to the kernel instantiations of csrc/cuda/inst/:
 //   bfloat16 / float16  tensor-core kernels (sm_80+), head dim padded up to the smallest
-//                       compiled instantiation >= max(D, Dv) (64, 96, 128, 256)
+//                       compiled instantiation >= max(D, Dv) (64, 96, 128, 192, 256), the
+//                       tile picked from the GPU's smem per block (tile_config.h)
 //   float32 / float64   SIMT kernels in the input precision (simt_kernel.cuh): float64 is
 //                       supported on CUDA, correct but slow (no tensor-core fp64 path)
 // Head dims above 256 are rejected with a clear error on every dtype. lse, delta and a
@@ -20,16 +21,21 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
 #include "attn_host.h"
 #include "cuda/launch_api.h"
+#include "cuda/tile_config.h"
 
 #ifndef RING_ATTN_HEAD_DIMS_LIMITED
 #define RING_ATTN_HAS_HD64 1
 #define RING_ATTN_HAS_HD96 1
 #define RING_ATTN_HAS_HD128 1
+#define RING_ATTN_HAS_HD192 1
 #define RING_ATTN_HAS_HD256 1
 #endif
 
@@ -50,6 +56,9 @@ constexpr int kCompiledHeadDims[] = {
 #endif
 #ifdef RING_ATTN_HAS_HD128
     128,
+#endif
+#ifdef RING_ATTN_HAS_HD192
+    192,
 #endif
 #ifdef RING_ATTN_HAS_HD256
     256,
@@ -73,6 +82,85 @@ int pick_head_dim(int64_t D, int64_t Dv) {
   TORCH_CHECK(false, "ring_attn: no CUDA kernel compiled for head dim max(D, Dv) = ", need,
               "; this build has head dims {", compiled_head_dims(),
               "} (rebuild without RING_ATTN_HEAD_DIMS, or include a dim >= ", need, ")");
+}
+
+// The virtual architectures nvcc compiled this file for (__CUDA_ARCH_LIST__, e.g.
+// "800,900"; every .cu of the extension gets the same -gencode flags), for the error below.
+#define RING_ATTN_STR2(...) #__VA_ARGS__
+#define RING_ATTN_STR(...) RING_ATTN_STR2(__VA_ARGS__)
+#ifdef __CUDA_ARCH_LIST__
+constexpr const char* kBuildArchList = RING_ATTN_STR(__CUDA_ARCH_LIST__);
+#else
+constexpr const char* kBuildArchList = "";
+#endif
+
+// "800,900" -> "8.0, 9.0".
+std::string build_archs() {
+  std::string out, num;
+  auto flush = [&] {
+    if (num.size() >= 2) {
+      const int v = std::stoi(num);
+      out += (out.empty() ? "" : ", ") + std::to_string(v / 100) + "." + std::to_string(v / 10 % 10);
+    }
+    num.clear();
+  };
+  for (const char* c = kBuildArchList; *c; ++c) {
+    if (*c >= '0' && *c <= '9') num += *c;
+    else flush();
+  }
+  flush();
+  return out.empty() ? "unknown" : out;
+}
+
+__global__ void arch_probe_kernel() {}
+
+// Whether this build holds code the current GPU can run (SASS for its major version at or
+// below its minor one, or PTX of an older arch to JIT). Without it every launch fails with
+// the CUDA runtime's "no kernel image is available for execution on the device", which
+// names neither the GPU nor the build; cudaFuncGetAttributes on an empty kernel of the
+// same build answers the question once per device.
+void check_arch() {
+  static std::atomic<bool> ok[64];  // static storage: all false
+  const int dev = at::cuda::current_device();
+  if (dev < 64 && ok[dev].load(std::memory_order_relaxed)) return;
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, arch_probe_kernel);
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
+    (void)cudaGetLastError();  // clear the runtime's last error for the caller
+    const auto* prop = at::cuda::getCurrentDeviceProperties();
+    TORCH_CHECK(false, "ring_attn: this build has no CUDA code that runs on ", prop->name,
+                " (compute capability ", prop->major, ".", prop->minor,
+                "); it was compiled for compute capabilities {", build_archs(),
+                "} (TORCH_CUDA_ARCH_LIST at build time; SASS runs only on its own major "
+                "version, PTX ('+PTX') also on newer GPUs). Rebuild with "
+                "TORCH_CUDA_ARCH_LIST=\"", prop->major, ".", prop->minor, "\"");
+  }
+  C10_CUDA_CHECK(err);
+  if (dev < 64) ok[dev].store(true, std::memory_order_relaxed);
+}
+
+// The tile variant (tile_config.h) for head dim hd on the current GPU, or a clear error
+// when even the smallest tile needs more shared memory than the GPU gives one block.
+// RING_ATTN_SMEM_LIMIT (bytes) lowers the limit assumed, so an A100/H100 can run the
+// 99 KB tiles that RTX/L4/L40S-class GPUs use (tests/test_cuda_kernels.py does).
+int pick_tile(int hd, bool backward) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  long long limit = static_cast<long long>(prop->sharedMemPerBlockOptin);
+  if (const char* env = std::getenv("RING_ATTN_SMEM_LIMIT")) {
+    const long long cap = std::atoll(env);
+    TORCH_CHECK(cap > 0, "ring_attn: RING_ATTN_SMEM_LIMIT must be a positive number of "
+                "bytes, got '", env, "'");
+    limit = std::min(limit, cap);
+  }
+  const int v = select_tile(hd, 2, backward, limit);
+  if (v >= 0) return v;
+  const TileCandidates t = tiles(hd, backward);
+  TORCH_CHECK(t.n > 0, "ring_attn: internal error, no tile configuration for head dim ", hd);
+  TORCH_CHECK(false, "ring_attn: the ", backward ? "backward" : "forward",
+              " tensor-core kernel at head dim ", hd, " needs at least ",
+              tile_smem_bytes(hd, backward, t.c[t.n - 1], 2),
+              " bytes of shared memory per block, but ", prop->name, " (compute capability ",
+              prop->major, ".", prop->minor, ") allows ", limit);
 }
 
 void check_cuda_shape(const AttnShape& s, const at::Tensor& q) {
@@ -106,6 +194,9 @@ cudaError_t with_head_dim(int hd, F&& f) {
 #ifdef RING_ATTN_HAS_HD128
     case 128: return f(std::integral_constant<int, 128>{});
 #endif
+#ifdef RING_ATTN_HAS_HD192
+    case 192: return f(std::integral_constant<int, 192>{});
+#endif
 #ifdef RING_ATTN_HAS_HD256
     case 256: return f(std::integral_constant<int, 256>{});
 #endif
@@ -117,16 +208,26 @@ cudaError_t with_head_dim(int hd, F&& f) {
 
 template <typename Elem>
 cudaError_t fwd_tc(int hd, const AttnFwdParams& p, bool out_fp32, cudaStream_t st) {
-  return with_head_dim(hd, [&](auto HD) {
-    return run_fwd_tc<Elem, decltype(HD)::value>(p, out_fp32, st);
+  const int variant = pick_tile(hd, /*backward=*/false);
+  return with_head_dim(hd, [&](auto HD) -> cudaError_t {
+    constexpr int kHD = decltype(HD)::value;
+    if constexpr (fwd_tiles(kHD).n > 1) {
+      if (variant == 1) return run_fwd_tc<Elem, kHD, 1>(p, out_fp32, st);
+    }
+    return run_fwd_tc<Elem, kHD, 0>(p, out_fp32, st);
   });
 }
 
 template <typename Elem>
 cudaError_t bwd_tc(int hd, const AttnBwdParams& p, float* dq_accum, bool grad_fp32,
                    cudaStream_t st) {
-  return with_head_dim(hd, [&](auto HD) {
-    return run_bwd_tc<Elem, decltype(HD)::value>(p, dq_accum, grad_fp32, st);
+  const int variant = pick_tile(hd, /*backward=*/true);
+  return with_head_dim(hd, [&](auto HD) -> cudaError_t {
+    constexpr int kHD = decltype(HD)::value;
+    if constexpr (bwd_tiles(kHD).n > 1) {
+      if (variant == 1) return run_bwd_tc<Elem, kHD, 1>(p, dq_accum, grad_fp32, st);
+    }
+    return run_bwd_tc<Elem, kHD, 0>(p, dq_accum, grad_fp32, st);
   });
 }
 
@@ -135,6 +236,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(
     const OptTensor& q_pos, const OptTensor& k_pos, int64_t q_offset, int64_t k_offset,
     bool is_causal, double scale, double dropout_p, const OptTensor& seed, bool out_fp32) {
   const c10::cuda::CUDAGuard guard(q.device());
+  check_arch();
   const FwdArgs args{q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset,
                      is_causal, scale, dropout_p, seed};
   PreparedFwd prep = prepare_fwd(args, out_fp32, c10::DeviceType::CUDA);
@@ -166,6 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
     int64_t q_offset, int64_t k_offset, bool is_causal, double scale, double dropout_p,
     const OptTensor& seed, bool grad_fp32) {
   const c10::cuda::CUDAGuard guard(q.device());
+  check_arch();
   const FwdArgs args{q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset,
                      is_causal, scale, dropout_p, seed};
   PreparedBwd prep = prepare_bwd(dout, out, lse, dlse, args, grad_fp32, c10::DeviceType::CUDA);

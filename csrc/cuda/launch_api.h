@@ -11,13 +11,14 @@
 namespace ring_attn {
 namespace cuda {
 
-// Tensor cores (bf16 / fp16, sm_80+); kHeadDim in {64, 96, 128, 256} must be >= max(D, Dv).
-template <typename Elem, int kHeadDim>
+// Tensor cores (bf16 / fp16, sm_80+); kHeadDim in {64, 96, 128, 192, 256} must be
+// >= max(D, Dv); kVariant indexes tile_config.h's candidates (select_tile()).
+template <typename Elem, int kHeadDim, int kVariant>
 cudaError_t run_fwd_tc(const AttnFwdParams& p, bool out_fp32, cudaStream_t stream);
 
 // dq_accum: zeroed float32 [B, Hq, Sq, D] that receives dQ (already scaled); dk/dv are
 // written in place (float32 when grad_fp32, else Elem), summed over each KV group.
-template <typename Elem, int kHeadDim>
+template <typename Elem, int kHeadDim, int kVariant>
 cudaError_t run_bwd_tc(const AttnBwdParams& p, float* dq_accum, bool grad_fp32,
                        cudaStream_t stream);
 

@@ -2,21 +2,32 @@
 //
 // Tensor cores would round float32 inputs to tf32 (10-bit mantissa), which is not the
 // float32 semantics users of a float32 SDPA expect, and have no float64 mode on sm_80;
-// so float32 and float64 take this simpler kernel, computed entirely in the input
-// precision (exp of float32 scores evaluated in double: --use_fast_math would otherwise
-// turn expf into __expf, whose error grows with |x|). It is slower than the bf16/fp16
-// path, by design: correctness first; float32 training should use bf16/fp16 inputs with
-// out_fp32 / grad_fp32 for speed.
+// so float32 and float64 take this simpler kernel. It computes in double for both: the
+// extension is built with --use_fast_math (setup.py, for the tensor-core kernels), which
+// flushes float denormals to zero, makes float division approximate and turns expf into
+// __expf, and none of that touches double arithmetic (nvcc's -ftz, -prec-div, -prec-sqrt
+// and the fast intrinsics are single-precision only; -fmad contracts into IEEE fma). So
+// float32 results are float32 roundings of a double computation (at least as accurate as
+// torch's float32, also for logits in the thousands, where a float32 s - m loses up to
+// ulp(2400) = 2.4e-4 in the exponent), whatever the nvcc flags; cuobjdump -sass of
+// simt_fp32.o shows no .FTZ instruction and no MUFU (approximate) op. Storage follows the
+// contract (attn_params.h): lse, delta and a float mask in float32 for float32 inputs.
+// It is slower than the bf16/fp16 path, by design: correctness first (double runs at
+// 1/2 the float rate on A100/H100, 1/64 on GeForce cards); float32 training should use
+// bf16/fp16 inputs with out_fp32 / grad_fp32 for speed.
 //
 // Layout: one warp per row, the head dim spread over the lanes (d = lane + 32 c, c < 8,
-// so D, Dv <= 256), dot products by warp shuffles. lse, delta and a float mask are in the
-// same precision (attn_params.h), so float64 is float64-accurate end to end.
-//   forward   warp per query row: online softmax over the keys in order, masked keys
-//             skipped; O / l, lse = m + log l (0 and -inf for rows with no key).
+// so D, Dv <= 256), dot products by warp shuffles.
+//   forward   warp per query row: online softmax over the keys in order; O / l,
+//             lse = m + log l (0 and -inf for rows with no key).
 //   backward  dQ: warp per query row, P recomputed from lse, dS = P (dP' - delta) with
 //             dP' = keep / (1-p) * dO . v_j; dQ = scale * sum_j dS K_j.
 //             dK/dV: warp per key row over every query of every head of its KV group
 //             (GQA summed in place): dV += Pd dO_i, dK += scale * dS Q_i.
+// Non-finite values follow torch's math backend (attn_params.h): masks are additive
+// (s + (-inf)), the running max propagates NaN, and keys that causality masks are
+// skipped only when causal_skip_ok (every input finite); bool-masked keys are never
+// skipped (nothing tells a non-causal call that its inputs are finite).
 // Every output element has one owner: no atomics, deterministic.
 #pragma once
 #include <cuda_runtime.h>
@@ -31,69 +42,84 @@ namespace cuda {
 constexpr int kSimtWarps = 4;   // rows per CTA: small CTAs spread short sequences over SMs
 constexpr int kSimtChunks = 8;  // head-dim elements per lane: 8 x 32 = 256 = max head dim
 
+// Storage type of lse, delta and a float mask (the contract's accumulation type).
 template <typename T> struct SimtAcc { using type = float; };
 template <> struct SimtAcc<double> { using type = double; };
+using C = double;  // compute type of every SIMT kernel (see the header comment)
 
-__device__ __forceinline__ float simt_exp(float x) {
-  return static_cast<float>(exp(static_cast<double>(x)));
+// double <-> float by PTX without .ftz: under -ftz=true nvcc emits cvt.rn.ftz.f32.f64 for
+// a plain cast, flushing a denormal result (|x| < 1.18e-38) to 0.
+__device__ __forceinline__ C to_c(float x) {
+  double r;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(x));
+  return r;
 }
-__device__ __forceinline__ double simt_exp(double x) { return exp(x); }
-__device__ __forceinline__ float simt_log(float x) {
-  return static_cast<float>(log(static_cast<double>(x)));
+__device__ __forceinline__ C to_c(double x) { return x; }
+template <typename T> __device__ __forceinline__ T from_c(C x);
+template <> __device__ __forceinline__ float from_c<float>(C x) {
+  float r;
+  asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(x));
+  return r;
 }
-__device__ __forceinline__ double simt_log(double x) { return log(x); }
+template <> __device__ __forceinline__ double from_c<double>(C x) { return x; }
 
-template <typename A>
-__device__ __forceinline__ A warp_sum(A x) {
+// NaN-propagating max (math's softmax: a NaN score makes the row NaN).
+__device__ __forceinline__ C max_nan(C a, C b) { return (a > b || a != a) ? a : b; }
+
+__device__ __forceinline__ C warp_sum(C x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
 
-template <typename T, typename A>
-__device__ __forceinline__ void load_row(A (&r)[kSimtChunks], const T* row, int n, int lane) {
+template <typename T>
+__device__ __forceinline__ void load_row(C (&r)[kSimtChunks], const T* row, int n, int lane) {
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) {
     const int d = lane + 32 * c;
-    r[c] = d < n ? static_cast<A>(row[d]) : A(0);
+    r[c] = d < n ? to_c(row[d]) : C(0);
   }
 }
 
-template <typename A>
-__device__ __forceinline__ A dot_row(const A (&x)[kSimtChunks], const A (&y)[kSimtChunks]) {
-  A s = 0;
+__device__ __forceinline__ C dot_row(const C (&x)[kSimtChunks], const C (&y)[kSimtChunks]) {
+  C s = 0;
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) s += x[c] * y[c];
   return warp_sum(s);
 }
 
-template <typename T, typename A>
-__device__ __forceinline__ void store_row(void* out, bool as_f32, int64_t off, const A (&r)[kSimtChunks],
-                                          A mul, int n, int lane) {
+template <typename T>
+__device__ __forceinline__ void store_row(void* out, bool as_f32, int64_t off, const C (&r)[kSimtChunks],
+                                          C mul, int n, int lane) {
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) {
     const int d = lane + 32 * c;
     if (d >= n) continue;
-    if (as_f32) static_cast<float*>(out)[off + d] = static_cast<float>(r[c] * mul);
-    else static_cast<T*>(out)[off + d] = static_cast<T>(r[c] * mul);
+    if (as_f32) static_cast<float*>(out)[off + d] = from_c<float>(r[c] * mul);
+    else static_cast<T*>(out)[off + d] = from_c<T>(r[c] * mul);
   }
 }
 
-// Whether element (i, j) survives causality and the mask; `add` receives the additive
-// mask value (natural-log units), stored in the accumulation type A (attn_params.h).
+// Whether key j may be skipped for query i without computing it: only when causality
+// masks it and causal_skip_ok (then its contribution is exactly 0).
+__device__ __forceinline__ bool simt_skip(bool skip_ok, int64_t qpos, int64_t kpos) {
+  return skip_ok && kpos > qpos;
+}
+
+// The additive term of element (i, j): -inf where causality or a bool mask excludes it,
+// the float mask's value (stored in the accumulation type A, attn_params.h), else 0.
 template <typename A>
-__device__ __forceinline__ bool simt_visible(const AttnMaskParams& m, const void* mask_bh, int i,
-                                             int j, int64_t qpos, int64_t kpos, A& add) {
-  add = 0;
-  if (m.causal && kpos > qpos) return false;
+__device__ __forceinline__ C simt_mask_add(const AttnMaskParams& m, const void* mask_bh, int i,
+                                           int j, int64_t qpos, int64_t kpos) {
+  if (m.causal && kpos > qpos) return -INFINITY;
   if (m.kind == MaskKind::kBool) {
-    return static_cast<const uint8_t*>(mask_bh)[i * m.stride[2] + j * m.stride[3]] != 0;
+    return static_cast<const uint8_t*>(mask_bh)[i * m.stride[2] + j * m.stride[3]] != 0
+               ? C(0) : C(-INFINITY);
   }
   if (m.kind == MaskKind::kFloat) {
-    add = static_cast<const A*>(mask_bh)[i * m.stride[2] + j * m.stride[3]];
-    return add != -INFINITY;
+    return to_c(static_cast<const A*>(mask_bh)[i * m.stride[2] + j * m.stride[3]]);
   }
-  return true;
+  return 0;
 }
 
 __device__ __forceinline__ bool simt_keep(const DropoutParams& d, int b, int h, int64_t qpos,
@@ -118,50 +144,51 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   const int D = static_cast<int>(sh.D), Dv = static_cast<int>(sh.Dv);
   const T* kb = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* vb = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  A q[kSimtChunks], kr[kSimtChunks], vr[kSimtChunks], o[kSimtChunks];
+  C q[kSimtChunks], kr[kSimtChunks], vr[kSimtChunks], o[kSimtChunks];
   load_row(q, static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2],
            D, lane);
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) o[c] = 0;
   const void* mask_bh = mask_slice<A>(mk, b, h);
   const int64_t qpos = q_position(mk, i);
-  const A scale = static_cast<A>(p.scale);
-  A m = -INFINITY, l = 0;
+  const bool skip_ok = causal_skip_ok(mk);
+  const C scale = static_cast<C>(p.scale);
+  C m = -INFINITY, l = 0;
   for (int j = 0; j < sh.Sk; ++j) {
     const int64_t kpos = k_position(mk, j);
-    A add;
-    if (!simt_visible(mk, mask_bh, i, j, qpos, kpos, add)) continue;
+    if (simt_skip(skip_ok, qpos, kpos)) continue;
     load_row(kr, kb + j * p.k_stride[2], D, lane);
-    const A s = dot_row(q, kr) * scale + add;
-    const A m_new = s > m ? s : m;
-    const A alpha = simt_exp(m - m_new);  // m = -inf -> 0
-    const A pr = simt_exp(s - m_new);
+    const C s = dot_row(q, kr) * scale + simt_mask_add<A>(mk, mask_bh, i, j, qpos, kpos);
+    const C m_new = max_nan(m, s);
+    // No key yet (m_new = -inf): subtract 0, so exp(-inf) = 0, not exp(NaN).
+    const C m_use = m_new == -INFINITY ? C(0) : m_new;
+    const C alpha = exp(m - m_use);
+    const C pr = exp(s - m_use);
     l = l * alpha + pr;
-    const A pk = simt_keep(p.dropout, b, h, qpos, kpos) ? pr : A(0);
+    const C pk = simt_keep(p.dropout, b, h, qpos, kpos) ? pr : C(0);
     load_row(vr, vb + j * p.v_stride[2], Dv, lane);
 #pragma unroll
     for (int c = 0; c < kSimtChunks; ++c) o[c] = o[c] * alpha + pk * vr[c];
     m = m_new;
   }
   const int64_t row = (static_cast<int64_t>(b) * sh.Hq + h) * sh.Sq + i;
-  const A keep_scale = p.dropout.p > 0.f ? A(1) / (A(1) - static_cast<A>(p.dropout.p)) : A(1);
-  const A inv = l > 0 ? keep_scale / l : A(0);
+  const C keep_scale = p.dropout.p > 0.f ? C(1) / (C(1) - p.dropout.p) : C(1);
+  // l == 0: no key (out 0, lse -inf; O * 0 keeps math's NaN from 0 * NaN V); NaN l -> NaN.
+  const C inv = l == 0 ? C(0) : keep_scale / l;
   store_row<T>(p.out, out_fp32, row * Dv, o, inv, Dv, lane);
-  if (lane == 0) static_cast<A*>(p.lse)[row] = l > 0 ? m + simt_log(l) : A(-INFINITY);
+  if (lane == 0) static_cast<A*>(p.lse)[row] = from_c<A>(l == 0 ? C(-INFINITY) : m + log(l));
 }
 
 // Shared by both backward kernels: dS and the dropped probability of element (i, j).
-template <typename A>
 struct SimtGrad {
-  A ds, pd;
+  C ds, pd;
 };
 
-template <typename A>
-__device__ __forceinline__ SimtGrad<A> simt_grad(A s, A lse, A dpd, A delta, bool keep,
-                                                 A keep_scale) {
-  const A pr = simt_exp(s - lse);
-  const A dp = keep ? dpd * keep_scale : A(0);
-  return {pr * (dp - delta), keep ? pr * keep_scale : A(0)};
+__device__ __forceinline__ SimtGrad simt_grad(C s, C lse, C dpd, C delta, bool keep,
+                                              C keep_scale) {
+  const C pr = lse == -INFINITY ? C(0) : exp(s - lse);  // lse -inf: a row with no key
+  const C dp = keep ? dpd * keep_scale : C(0);
+  return {pr * (dp - delta), keep ? pr * keep_scale : C(0)};
 }
 
 template <typename T>
@@ -177,38 +204,39 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   const int hk = h / static_cast<int>(sh.Hq / sh.Hk);
   const int D = static_cast<int>(sh.D), Dv = static_cast<int>(sh.Dv);
   const int64_t row = (static_cast<int64_t>(b) * sh.Hq + h) * sh.Sq + i;
-  const A lse = static_cast<const A*>(p.lse)[row];
-  A dq[kSimtChunks];
+  const C lse = to_c(static_cast<const A*>(p.lse)[row]);
+  const bool skip_ok = causal_skip_ok(mk);
+  C dq[kSimtChunks];
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) dq[c] = 0;
-  if (lse != -INFINITY) {  // a row with no key has P = 0 everywhere: dQ = 0
+  // A row with no key has P = 0 everywhere: dQ = 0 when every input is finite.
+  if (!(skip_ok && lse == -INFINITY)) {
     const T* kb = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
     const T* vb = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-    A q[kSimtChunks], dout[kSimtChunks], kr[kSimtChunks], vr[kSimtChunks];
+    C q[kSimtChunks], dout[kSimtChunks], kr[kSimtChunks], vr[kSimtChunks];
     load_row(q, static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2],
              D, lane);
     load_row(dout, static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1] +
                        i * p.dout_stride[2], Dv, lane);
-    const A delta = static_cast<const A*>(p.delta)[row];
+    const C delta = to_c(static_cast<const A*>(p.delta)[row]);
     const void* mask_bh = mask_slice<A>(mk, b, h);
     const int64_t qpos = q_position(mk, i);
-    const A scale = static_cast<A>(p.scale);
-    const A keep_scale = p.dropout.p > 0.f ? A(1) / (A(1) - static_cast<A>(p.dropout.p)) : A(1);
+    const C scale = static_cast<C>(p.scale);
+    const C keep_scale = p.dropout.p > 0.f ? C(1) / (C(1) - p.dropout.p) : C(1);
     for (int j = 0; j < sh.Sk; ++j) {
       const int64_t kpos = k_position(mk, j);
-      A add;
-      if (!simt_visible(mk, mask_bh, i, j, qpos, kpos, add)) continue;
+      if (simt_skip(skip_ok, qpos, kpos)) continue;
       load_row(kr, kb + j * p.k_stride[2], D, lane);
       load_row(vr, vb + j * p.v_stride[2], Dv, lane);
-      const A s = dot_row(q, kr) * scale + add;
-      const A dpd = dot_row(dout, vr);
-      const SimtGrad<A> g = simt_grad(s, lse, dpd, delta, simt_keep(p.dropout, b, h, qpos, kpos),
-                                      keep_scale);
+      const C s = dot_row(q, kr) * scale + simt_mask_add<A>(mk, mask_bh, i, j, qpos, kpos);
+      const C dpd = dot_row(dout, vr);
+      const SimtGrad g = simt_grad(s, lse, dpd, delta, simt_keep(p.dropout, b, h, qpos, kpos),
+                                   keep_scale);
 #pragma unroll
       for (int c = 0; c < kSimtChunks; ++c) dq[c] += g.ds * kr[c];
     }
   }
-  store_row<T>(p.dq, grad_fp32, row * D, dq, static_cast<A>(p.scale), D, lane);
+  store_row<T>(p.dq, grad_fp32, row * D, dq, static_cast<C>(p.scale), D, lane);
 }
 
 template <typename T>
@@ -223,8 +251,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   if (j >= sh.Sk) return;
   const int group = static_cast<int>(sh.Hq / sh.Hk);
   const int D = static_cast<int>(sh.D), Dv = static_cast<int>(sh.Dv);
-  A kr[kSimtChunks], vr[kSimtChunks], q[kSimtChunks], dout[kSimtChunks];
-  A dk[kSimtChunks], dv[kSimtChunks];
+  C kr[kSimtChunks], vr[kSimtChunks], q[kSimtChunks], dout[kSimtChunks];
+  C dk[kSimtChunks], dv[kSimtChunks];
   load_row(kr, static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] + j * p.k_stride[2],
            D, lane);
   load_row(vr, static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] + j * p.v_stride[2],
@@ -232,25 +260,25 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) dk[c] = dv[c] = 0;
   const int64_t kpos = k_position(mk, j);
-  const A scale = static_cast<A>(p.scale);
-  const A keep_scale = p.dropout.p > 0.f ? A(1) / (A(1) - static_cast<A>(p.dropout.p)) : A(1);
+  const bool skip_ok = causal_skip_ok(mk);
+  const C scale = static_cast<C>(p.scale);
+  const C keep_scale = p.dropout.p > 0.f ? C(1) / (C(1) - p.dropout.p) : C(1);
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const void* mask_bh = mask_slice<A>(mk, b, h);
     const int64_t row0 = (static_cast<int64_t>(b) * sh.Hq + h) * sh.Sq;
     const T* qb = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
     const T* dob = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
     for (int i = 0; i < sh.Sq; ++i) {
-      const A lse = static_cast<const A*>(p.lse)[row0 + i];
-      if (lse == -INFINITY) continue;
+      const C lse = to_c(static_cast<const A*>(p.lse)[row0 + i]);
+      if (skip_ok && lse == -INFINITY) continue;  // no key: P = 0, contributes exactly 0
       const int64_t qpos = q_position(mk, i);
-      A add;
-      if (!simt_visible(mk, mask_bh, i, j, qpos, kpos, add)) continue;
+      if (simt_skip(skip_ok, qpos, kpos)) continue;
       load_row(q, qb + i * p.q_stride[2], D, lane);
       load_row(dout, dob + i * p.dout_stride[2], Dv, lane);
-      const A s = dot_row(q, kr) * scale + add;
-      const A dpd = dot_row(dout, vr);
-      const SimtGrad<A> g =
-          simt_grad(s, lse, dpd, static_cast<const A*>(p.delta)[row0 + i],
+      const C s = dot_row(q, kr) * scale + simt_mask_add<A>(mk, mask_bh, i, j, qpos, kpos);
+      const C dpd = dot_row(dout, vr);
+      const SimtGrad g =
+          simt_grad(s, lse, dpd, to_c(static_cast<const A*>(p.delta)[row0 + i]),
                     simt_keep(p.dropout, b, h, qpos, kpos), keep_scale);
 #pragma unroll
       for (int c = 0; c < kSimtChunks; ++c) {
@@ -261,7 +289,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   }
   const int64_t krow = (static_cast<int64_t>(b) * sh.Hk + hk) * sh.Sk + j;
   store_row<T>(p.dk, grad_fp32, krow * D, dk, scale, D, lane);
-  store_row<T>(p.dv, grad_fp32, krow * Dv, dv, A(1), Dv, lane);
+  store_row<T>(p.dv, grad_fp32, krow * Dv, dv, C(1), Dv, lane);
 }
 
 template <typename T>

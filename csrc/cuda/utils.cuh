@@ -135,7 +135,10 @@ __device__ __forceinline__ void cp_async_wait() {
 // row, zero-filling everything outside: padded head-dim lanes and rows past the sequence
 // end must be exact zeros (0 * garbage could be NaN in the products). 16-byte chunks use
 // cp.async when the source is 16-byte aligned; ragged chunks (odd head dims, unaligned
-// views) fall back to element loads.
+// views) fall back to element loads. That synchronous fallback stays for now: when
+// D % 8 != 0 every row after the first starts off a 16-byte boundary (row stride 2D
+// bytes), which the 16-byte cp.async forbids; 4- or 8-byte cp.async.ca (D even / D % 4 ==
+// 0) would cover most such D at 2-4x the copy instructions, to be measured on a GPU first.
 template <int kRows, int kCols, int kNThreads, typename Elem>
 __device__ __forceinline__ void load_tile(Elem* smem, int sstride, const Elem* gmem,
                                           int64_t gstride, int rows_valid, int cols_valid) {
@@ -168,6 +171,23 @@ __device__ __forceinline__ int64_t k_position(const AttnMaskParams& m, int j) {
   return m.k_pos ? m.k_pos[j] : m.k_offset + j;
 }
 
+// Non-finite inputs follow torch's math backend (attn_params.h): a NaN anywhere in a row's
+// scores makes the row NaN. fmaxf returns the other operand for a NaN (IEEE maxNum), so a
+// running max built with it silently drops a NaN score and the row came out finite or 0;
+// PTX max.NaN (sm_80+, one FMNMX like fmaxf) returns NaN if either operand is NaN.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// Whether tiles or elements that causality masks may be skipped: only when every value
+// they would read is finite (AttnMaskParams::nonfinite), since math gives NaN for
+// NaN + (-inf) and 0 * NaN. Non-causal calls never skip (nullptr means nothing to skip).
+__device__ __forceinline__ bool causal_skip_ok(const AttnMaskParams& m) {
+  return m.causal && (m.nonfinite == nullptr || *m.nonfinite == 0);
+}
+
 // Min and max of positions [start, start + len) (len >= 1), identical in every lane of
 // the warp. Used to skip tiles that causality masks entirely and to drop per-element
 // masking where causality masks nothing: positions may be any map (zigzag, striped).
@@ -194,19 +214,26 @@ __device__ __forceinline__ void position_range(const int64_t* pos, int64_t offse
   }
 }
 
-// Score transform of one element given its validity: returns the additive term in log2
-// units (0 when no float mask) or -inf when the element is masked out (causal or bool
-// false). Row i < Sq and column j < Sk are the caller's responsibility. The tensor-core
-// kernels (bf16 / fp16) accumulate in float, so their float mask is float.
-__device__ __forceinline__ float mask_term_log2(const AttnMaskParams& m, const void* mask_bh,
-                                                int i, int j, int64_t qpos, int64_t kpos) {
+// Score transform of one element given its validity: returns the additive term (natural
+// log units, as torch adds it to the scaled score; 0 when no float mask) or -inf when the
+// element is masked out (causal or bool false). Row i < Sq and column j < Sk are the
+// caller's responsibility. The tensor-core kernels (bf16 / fp16) accumulate in float, so
+// their float mask is float.
+// The kernels keep scores in natural units and convert to log2 units only inside exp2:
+// exp2((s - m) * log2(e)). Scaling the mask by log2(e) first (as this code once did)
+// overflows to -inf for any value below -FLT_MAX / log2(e) = -2.36e38, and
+// torch.finfo(bfloat16 / float32).min (-3.39e38 / -3.40e38), Hugging Face's padding
+// value, is below it: a fully padded row then gave out = 0, lse = -inf instead of torch's
+// mean of V with lse = finfo.min.
+__device__ __forceinline__ float mask_term(const AttnMaskParams& m, const void* mask_bh, int i,
+                                           int j, int64_t qpos, int64_t kpos) {
   if (m.causal && kpos > qpos) return -INFINITY;
   if (m.kind == MaskKind::kBool) {
     const uint8_t* mb = static_cast<const uint8_t*>(mask_bh);
     if (!mb[i * m.stride[2] + j * m.stride[3]]) return -INFINITY;
   } else if (m.kind == MaskKind::kFloat) {
     const float* mf = static_cast<const float*>(mask_bh);
-    return mf[i * m.stride[2] + j * m.stride[3]] * kLog2e;
+    return mf[i * m.stride[2] + j * m.stride[3]];
   }
   return 0.f;
 }
@@ -248,6 +275,33 @@ __device__ __forceinline__ void dropout_keep2(const DropoutParams& d, int b, int
                                      qpos, kpos1);
     keep1 = philox_word(r1, kpos1) >= d.threshold;
   }
+}
+
+// Whether dropout_keep_pair may serve a warp: contiguous key positions (no map) with
+// k_offset % 4 == 0, so the four keys a lane pair holds in an n8 tile (whose first column
+// is a multiple of 8) share one Philox counter (kpos >> 2). Warp-uniform.
+__device__ __forceinline__ bool dropout_pair_ok(const AttnMaskParams& m) {
+  return m.k_pos == nullptr && (static_cast<uint64_t>(m.k_offset) & 3u) == 0;
+}
+
+// Keep bits of the four keys kpos4 .. kpos4 + 3 (kpos4 % 4 == 0) for two rows, shared by
+// lanes 2u and 2u + 1 of an mma accumulator fragment: both hold rows (qpos0, qpos1), the
+// even lane keys kpos4 + {0, 1}, the odd lane kpos4 + {2, 3}. dropout_keep2 has each lane
+// draw both rows' Philox call, so the pair drew the same two calls twice; here the even
+// lane draws row 0's, the odd lane row 1's, and one shuffle swaps the 4-bit results.
+// Returns bit 4 t + w = key kpos4 + w of row t kept (dropout_rng.h's decision, bit for
+// bit). Every lane of the warp must call it (shuffle).
+__device__ __forceinline__ uint32_t dropout_keep_pair(const DropoutParams& d, int b, int h,
+                                                      int64_t qpos0, int64_t qpos1,
+                                                      int64_t kpos4, int lane) {
+  const bool odd = lane & 1;
+  const Philox4 r = dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
+                                  odd ? qpos1 : qpos0, kpos4);
+  uint32_t own = 0;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) own |= (r.w[w] >= d.threshold ? 1u : 0u) << w;
+  const uint32_t other = __shfl_xor_sync(0xffffffffu, own, 1);
+  return odd ? (other | own << 4) : (own | other << 4);
 }
 
 __host__ __device__ constexpr int ceil_div(int64_t a, int b) {

@@ -1,0 +1,5 @@
+// One instantiation per file (bounds nvcc time and memory): backward, fp16, head dim 192.
+#include "cuda/bwd_kernel.cuh"
+
+template cudaError_t ring_attn::cuda::run_bwd_tc<__half, 192, 0>(
+    const ring_attn::AttnBwdParams&, float*, bool, cudaStream_t);

@@ -1,0 +1,6 @@
+// One instantiation per file (bounds nvcc time and memory): forward, bf16, head dim 192:
+// the 128 x 16 tile for GPUs with 99 KB of smem per block (tile_config.h).
+#include "cuda/fwd_kernel.cuh"
+
+template cudaError_t ring_attn::cuda::run_fwd_tc<__nv_bfloat16, 192, 1>(
+    const ring_attn::AttnFwdParams&, bool, cudaStream_t);

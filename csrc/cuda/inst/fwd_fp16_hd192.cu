@@ -1,0 +1,5 @@
+// One instantiation per file (bounds nvcc time and memory): forward, fp16, head dim 192.
+#include "cuda/fwd_kernel.cuh"
+
+template cudaError_t ring_attn::cuda::run_fwd_tc<__half, 192, 0>(
+    const ring_attn::AttnFwdParams&, bool, cudaStream_t);
