@@ -94,14 +94,21 @@ class RingInputError(RingAttnError):
     RuntimeError, as torch raises for the equivalent single-device inputs)."""
 
 
-def kv_nonfinite(k: Tensor, v: Tensor) -> Tensor:
-    """0-D bool tensor on k's device, True if k or v may hold NaN/inf; no host sync.
+def _sum_nonfinite(*ts: Tensor) -> Tensor:
+    """0-D bool tensor, True if any of ts may hold NaN/inf; one reduction each, no host
+    sync. A NaN or inf anywhere makes the sum non-finite; a sum of huge finite values may
+    overflow to inf too: a false positive, which only costs the skipped blocks' compute
+    (masked finite keys contribute exactly 0)."""
+    dt = acc_dtype(ts[0].dtype)
+    total = ts[0].sum(dtype=dt)
+    for t in ts[1:]:
+        total = total + t.sum(dtype=dt)
+    return torch.isfinite(total).logical_not()
 
-    One reduction pass: a NaN or inf anywhere makes the sum non-finite. A sum of huge
-    finite values may overflow to inf too: a false positive, which only costs the
-    skipped blocks' compute (masked finite keys contribute exactly 0)."""
-    dt = acc_dtype(k.dtype)
-    return torch.isfinite(k.sum(dtype=dt) + v.sum(dtype=dt)).logical_not()
+
+def kv_nonfinite(k: Tensor, v: Tensor) -> Tensor:
+    """0-D bool tensor on k's device, True if k or v may hold NaN/inf; no host sync."""
+    return _sum_nonfinite(k, v)
 
 
 def rows_nonfinite(q: Tensor, mask: Optional[Tensor] = None, *more: Tensor) -> Tensor:
@@ -110,13 +117,10 @@ def rows_nonfinite(q: Tensor, mask: Optional[Tensor] = None, *more: Tensor) -> T
     mask holds NaN/+inf (-inf is plain masking). A +inf query against a masked key gives
     +inf + (-inf) = NaN in torch's math backend; a non-finite out or dout makes the
     backward's delta non-finite, and 0 * NaN reaches every key's gradient. No host sync."""
-    dt = acc_dtype(q.dtype)
-    total = q.sum(dtype=dt)
-    for t in more:
-        total = total + t.sum(dtype=dt)
-    bad = torch.isfinite(total).logical_not()
-    if mask is not None and mask.dtype != torch.bool:
-        bad = bad | mask.isnan().any() | mask.isposinf().any()
+    bad = _sum_nonfinite(q, *more)
+    if mask is not None and mask.dtype != torch.bool and mask.numel() > 0:
+        # One pass: amax propagates NaN and is +inf iff an entry is +inf.
+        bad = bad | (mask.amax() < float("inf")).logical_not()
     return bad
 
 
