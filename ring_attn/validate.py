@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import struct
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -62,14 +63,23 @@ _BWD_FIELDS = ["the ring call whose backward runs (every rank must run the backw
 
 # Ring calls so far, per process group: every rank of a group calls the ring in the same
 # order, so the n-th call has number n on every rank. Keyed by the group object (None and
-# the world group are the same group).
-_calls: dict[object, int] = {}
+# the world group are the same group), weakly: a strong key kept the group alive past
+# destroy_process_group, so its gloo threads were torn down during interpreter exit, which
+# aborted ranks ("terminate called without an active exception") after their work was done.
+_calls: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
+
+
+class _NoGroup:
+    """The key of calls made with no process group (unit tests of the agreement)."""
+
+
+_NO_GROUP = _NoGroup()
 
 
 def _call_key(info: GroupInfo) -> object:
     if info.group is None and dist.is_available() and dist.is_initialized():
         return dist.group.WORLD
-    return info.group
+    return _NO_GROUP if info.group is None else info.group
 
 
 def _next_call(info: GroupInfo) -> int:
