@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "common/dropout_rng.h"
+#include "common/visibility.h"
 
 namespace ring_attn {
 namespace {
@@ -44,6 +45,15 @@ void check_qkv(const FwdArgs& a, c10::DeviceType device) {
   TORCH_CHECK(a.dropout_p >= 0.0 && a.dropout_p < 1.0, "ring_attn: dropout_p must be in [0, 1), got ",
               a.dropout_p);
   TORCH_CHECK(std::isfinite(a.scale), "ring_attn: scale must be finite, got ", a.scale);
+  TORCH_CHECK(a.window_left >= -1, "ring_attn: window_left must be >= 0, or -1 for "
+              "unbounded, got ", a.window_left);
+  TORCH_CHECK(a.window_right >= -1, "ring_attn: window_right must be >= 0, or -1 for "
+              "unbounded, got ", a.window_right);
+  TORCH_CHECK(std::isfinite(a.softcap) && a.softcap >= 0.0,
+              "ring_attn: softcap must be finite and > 0, or 0 for off, got ", a.softcap);
+  TORCH_CHECK(a.cu_seqlens_q.has_value() == a.cu_seqlens_k.has_value(),
+              "ring_attn: cu_seqlens_q and cu_seqlens_k must be given together, got ",
+              a.cu_seqlens_q.has_value() ? "cu_seqlens_q only" : "cu_seqlens_k only");
 }
 
 // Last dim unit-stride for vectorised loads; other strides (including 0) are kept.
@@ -65,6 +75,31 @@ at::Tensor prepare_pos(const std::optional<at::Tensor>& pos, int64_t len, const 
   TORCH_CHECK(!at::isFloatingType(p.scalar_type()) && p.scalar_type() != at::kBool,
               "ring_attn: ", name, " must be an integer tensor, got ", p.scalar_type());
   return p.to(q.device(), at::kLong).contiguous();
+}
+
+// The document of each of `len` positions (pos, or offset + i): the d with cu[d] <= pos <
+// cu[d + 1], found by a binary search on the inputs' device (no host sync); -1 outside
+// [cu[0], cu[-1]). Repeated cu values (empty documents) resolve to the non-empty one.
+at::Tensor document_ids(const at::Tensor& cu, const at::Tensor& pos, int64_t offset,
+                        int64_t len, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "ring_attn: ", name,
+              " must be 1-D with at least one element (cumulative document lengths), got "
+              "shape ", cu.sizes());
+  TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, "ring_attn: ",
+              name, " must be int32 or int64, got ", cu.scalar_type());
+  TORCH_CHECK(cu.device() == q.device(), "ring_attn: ", name, " must be on q's device ",
+              q.device(), ", got ", cu.device());
+  const at::Tensor c = cu.to(at::kLong).contiguous();
+  if (c.is_cpu() && c.size(0) > 1) {
+    // The host copy is free on CPU; on CUDA the Python entry points check it (one sync
+    // per call there, not per kernel).
+    TORCH_CHECK((c.diff() >= 0).all().item<bool>(), "ring_attn: ", name,
+                " must be non-decreasing, got ", c);
+  }
+  const at::Tensor p = pos.defined() ? pos : at::arange(offset, offset + len, c.options());
+  at::Tensor d = at::searchsorted(c, p, /*out_int32=*/false, /*right=*/true) - 1;
+  d = at::where(p.ge(c.select(0, -1)), at::full({}, -1, d.options()), d);
+  return d.to(at::kInt).contiguous();
 }
 
 // The accumulation dtype of the kernels: float64 for float64 inputs, float32 otherwise.
@@ -112,14 +147,14 @@ at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, const at::Tensor&
 // host sync. `sums`: tensors where any non-finite element counts; their sum is non-finite
 // iff an element is (inf + finite = inf, inf - inf = NaN, NaN propagates) or the sum
 // overflows (a false positive: speed only). `maxes`: tensors that may hold -inf (a float
-// mask, lse) but not NaN or +inf; at::maximum propagates NaN. Only causal calls skip
-// tiles, so the others pay nothing. Measured on the 2-core EPYC, one thread, S=4096,
+// mask, lse) but not NaN or +inf; at::maximum propagates NaN. Only calls with a band
+// (causal, a window) or documents skip tiles, so the others pay nothing. Measured on the 2-core EPYC, one thread, S=4096,
 // D=64, H=2: 0.13 ms for the whole flag against 50 ms for a causal float32 forward.
-void fill_nonfinite(bool causal, std::initializer_list<at::Tensor> sums,
+void fill_nonfinite(std::initializer_list<at::Tensor> sums,
                     std::initializer_list<at::Tensor> maxes, PreparedInputs& r,
                     AttnMaskParams& mp) {
   mp.nonfinite = nullptr;
-  if (!causal) return;
+  if (!has_visibility_rule(mp)) return;
   at::Tensor worst;  // max(|sum|, maxes...): below +inf iff nothing non-finite was seen
   for (const at::Tensor& t : sums) {
     // float16 sums in float32 (65504 is a small sum); the others in their own dtype,
@@ -163,6 +198,18 @@ void fill_common(const FwdArgs& a, PreparedInputs& r, Params& p) {
   mp.q_offset = a.q_offset;
   mp.k_offset = a.k_offset;
   mp.causal = a.is_causal;
+  // Causal is the band's right bound 0 (its intersection with any window_right >= 0).
+  mp.window_left = a.window_left;
+  mp.window_right = a.is_causal ? 0 : a.window_right;
+  mp.q_doc = nullptr;
+  mp.k_doc = nullptr;
+  if (a.cu_seqlens_q.has_value()) {
+    r.q_doc = document_ids(*a.cu_seqlens_q, r.q_pos, a.q_offset, shape.Sq, "cu_seqlens_q", a.q);
+    r.k_doc = document_ids(*a.cu_seqlens_k, r.k_pos, a.k_offset, shape.Sk, "cu_seqlens_k", a.q);
+    mp.q_doc = r.q_doc.data_ptr<int32_t>();
+    mp.k_doc = r.k_doc.data_ptr<int32_t>();
+  }
+  p.softcap = a.softcap;
   dp.p = a.dropout_p;
   dp.threshold = dropout_threshold(a.dropout_p);
   dp.seed = 0;
@@ -201,7 +248,7 @@ PreparedFwd prepare_fwd(const FwdArgs& a, bool out_fp32, c10::DeviceType device)
   p.lse = r.lse.data_ptr();
   const at::Tensor mask_values =
       p.mask.kind == MaskKind::kFloat ? own_elements(r.mask) : at::Tensor();
-  fill_nonfinite(a.is_causal, {r.q, r.k, r.v}, {mask_values}, r, p.mask);
+  fill_nonfinite({r.q, r.k, r.v}, {mask_values}, r, p.mask);
   return r;
 }
 
@@ -254,7 +301,7 @@ PreparedBwd prepare_bwd(const at::Tensor& dout, const at::Tensor& out, const at:
   // for dout at a fraction of the cost.
   const at::Tensor mask_values =
       p.mask.kind == MaskKind::kFloat ? own_elements(r.mask) : at::Tensor();
-  fill_nonfinite(a.is_causal, {r.q, r.k, r.v, r.delta}, {mask_values, r.lse}, r, p.mask);
+  fill_nonfinite({r.q, r.k, r.v, r.delta}, {mask_values, r.lse}, r, p.mask);
   return r;
 }
 

@@ -21,12 +21,17 @@ struct FwdArgs {
   bool is_causal;
   double scale, dropout_p;
   const std::optional<at::Tensor>& seed;
+  const std::optional<at::Tensor>& cu_seqlens_q;
+  const std::optional<at::Tensor>& cu_seqlens_k;
+  int64_t window_left, window_right;
+  double softcap;
 };
 
 // The inputs both directions launch on, prepared once (last dim unit-stride, mask as a
 // broadcast view, positions as int64 on the device); the params point into them.
 struct PreparedInputs {
   at::Tensor q, k, v, mask, q_pos, k_pos;
+  at::Tensor q_doc, k_doc;  // int32 document per position (AttnMaskParams::q_doc / k_doc)
   at::Tensor nonfinite;  // the one byte AttnMaskParams::nonfinite points to (causal only)
 };
 

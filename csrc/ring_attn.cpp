@@ -56,11 +56,19 @@ TORCH_LIBRARY(ring_attn, m) {
   //   in the accumulation dtype: float64 for float64 q, float32 for every other dtype
   //   (so float64 is float64-accurate end to end); rows with no key left have out = 0
   //   and lse = -inf. A floating attn_mask is read in the accumulation dtype as well.
+  //   cu_seqlens_q / cu_seqlens_k (both or neither): 1-D int32/int64 cumulative document
+  //   lengths in the coordinates of q_pos / k_pos; query i and key j must lie in the same
+  //   document d (cu[d] <= pos < cu[d + 1], the same d on both sides); a position outside
+  //   [cu[0], cu[-1]) lies in no document and sees nothing. No [Sq, Sk] mask is built.
+  //   window_left / window_right: keep key j iff qpos - left <= kpos <= qpos + right on
+  //   global positions (-1: unbounded); is_causal is window_right = 0.
+  //   softcap > 0: scores become softcap * tanh(score / softcap) before the mask.
   m.def(
       "attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, Tensor? q_pos=None, "
       "Tensor? k_pos=None, int q_offset=0, int k_offset=0, bool is_causal=False, "
-      "float scale=1.0, float dropout_p=0.0, Tensor? seed=None, bool out_fp32=False) "
-      "-> (Tensor out, Tensor lse)");
+      "float scale=1.0, float dropout_p=0.0, Tensor? seed=None, bool out_fp32=False, "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int window_left=-1, "
+      "int window_right=-1, float softcap=0.0) -> (Tensor out, Tensor lse)");
   // Gradients of attn_fwd given the (possibly ring-global) out and lse it should use.
   //   lse is converted to the accumulation dtype (float64 for float64 q, else float32).
   //   dlse (optional) is the gradient flowing into lse; it folds into delta:
@@ -71,8 +79,9 @@ TORCH_LIBRARY(ring_attn, m) {
       "attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? dlse=None, Tensor? attn_mask=None, Tensor? q_pos=None, Tensor? k_pos=None, "
       "int q_offset=0, int k_offset=0, bool is_causal=False, float scale=1.0, "
-      "float dropout_p=0.0, Tensor? seed=None, bool grad_fp32=False) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
+      "float dropout_p=0.0, Tensor? seed=None, bool grad_fp32=False, "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int window_left=-1, "
+      "int window_right=-1, float softcap=0.0) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Introspection for tests (no tensors): see cuda_tile_config above.
   m.def("_cuda_tile_config(int head_dim, ScalarType dtype, bool backward, int smem_limit) "
         "-> int[]",

@@ -21,8 +21,17 @@
 //    NaN in every row even where key j is masked. lse is NaN where the row is NaN.
 //  * A row whose every score is -inf (no surviving key, all finite) gets out = 0 and
 //    lse = -inf, as math's _safe_softmax gives.
-//  * Tiles may be skipped (causal blocks wholly in the future) only when the skip cannot
+//  * Tiles may be skipped (wholly outside the band or across documents) only when the skip cannot
 //    change a value: every value the tile would read finite (AttnMaskParams::nonfinite).
+//  * Visibility beyond the mask (common/visibility.h, the one place it is decided): key j
+//    is visible to query i iff the band keeps it, qpos(i) - window_left <= kpos(j) <=
+//    qpos(i) + window_right (a bound of -1 is unbounded; causal is window_right = 0,
+//    which the host sets whenever causal is, so `causal` only names the common case),
+//    and, when documents are given, q_doc[i] == k_doc[j] >= 0 (doc -1: the position lies
+//    in no document, e.g. ring padding; it sees nothing and is seen by nothing). An
+//    invisible element adds -inf to its score, like a false bool mask element.
+//  * softcap > 0 (Gemma 2): the scaled score s becomes softcap * tanh(s / softcap)
+//    before the mask is added; 0 is off. The backward multiplies dS by 1 - tanh^2.
 //  * Dropout keeps an element iff dropout_keep(seed, b, h, qpos, kpos, threshold) and
 //    scales kept probabilities by 1/(1-p); lse is that of the un-dropped softmax.
 #pragma once
@@ -43,7 +52,14 @@ struct AttnMaskParams {
   const int64_t* q_pos; // nullptr -> q_offset + i
   const int64_t* k_pos; // nullptr -> k_offset + j
   int64_t q_offset, k_offset;
-  bool causal;
+  bool causal;          // implies window_right == 0 (the host guarantees it)
+  // The band on global positions, flash-attn's convention: kpos >= qpos - window_left
+  // and kpos <= qpos + window_right; -1 is unbounded on that side.
+  int64_t window_left, window_right;
+  // Document of each local query / key (int32, the inputs' device), from cu_seqlens and
+  // the positions on the host: nullptr -> one document holding every position.
+  const int32_t* q_doc;
+  const int32_t* k_doc;
   // The skip rule's one input besides positions: one byte, a host pointer on CPU and a
   // device pointer on CUDA (filled on the inputs' device without a host sync). Nonzero
   // when a value a skipped tile would read may be non-finite: q, k, v, a float mask
@@ -69,6 +85,7 @@ struct AttnFwdParams {
   void* out;                                      // [B, Hq, Sq, Dv] contiguous
   void* lse;                                      // [B, Hq, Sq] contiguous, acc type
   double scale;
+  double softcap;       // 0: off; else scores become softcap * tanh(score / softcap)
   AttnMaskParams mask;
   DropoutParams dropout;
 };
@@ -83,6 +100,7 @@ struct AttnBwdParams {
                         // accumulation type (float32; float64 for float64 inputs)
   void* dq; void* dk; void* dv;                   // contiguous, shaped like q, k, v
   double scale;
+  double softcap;
   AttnMaskParams mask;
   DropoutParams dropout;
 };

@@ -99,8 +99,8 @@ void bwd_impl(const AttnBwdParams& p) {
   const int64_t CK = blocks_per_chunk * KB;  // keys per chunk (the last may be shorter)
 
   BlockPositions qpos, kpos;
-  qpos.init(p.mask.q_pos, p.mask.q_offset, Sq, QB);
-  kpos.init(p.mask.k_pos, p.mask.k_offset, Sk, KB);
+  qpos.init(p.mask.q_pos, p.mask.q_offset, p.mask.q_doc, Sq, QB);
+  kpos.init(p.mask.k_pos, p.mask.k_offset, p.mask.k_doc, Sk, KB);
   const int64_t* qp = qpos.pos.data();
   const int64_t* kp = kpos.pos.data();
 
@@ -188,7 +188,7 @@ void bwd_impl(const AttnBwdParams& p) {
           int64_t ldq = D, lddo = Dv;
           std::fill(dQb, dQb + m * D, acc(0));
           for (int64_t kb = kb0; kb < kb1; ++kb) {
-            const TileKind kind = causal_tile(qpos, qb, kpos, kb, p.mask.causal, may_skip);
+            const TileKind kind = tile_kind(p.mask, qpos, qb, kpos, kb, may_skip);
             if (kind == TileKind::kSkip) continue;
             if (!loaded) {
               if (direct_q) {
@@ -221,7 +221,7 @@ void bwd_impl(const AttnBwdParams& p) {
             } else {
               gemm_bcast(m, n, D, scale, Q, ldq, 1, Kt, KB, acc(0), P, n, /*split_k=*/n < 16);
             }
-            mask_tile(P, n, m, n, p.mask, b, h, i0, j0, qp, kp, kind == TileKind::kPartial);
+            mask_tile(P, n, m, n, p.mask, b, h, i0, j0, qpos, kpos, kind == TileKind::kPartial);
             for (int64_t r = 0; r < m; ++r) {
               acc* row = P + r * n;
               const acc l = lse_h[i0 + r];

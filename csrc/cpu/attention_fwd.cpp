@@ -73,8 +73,8 @@ void fwd_impl(const AttnFwdParams& p) {
   const int64_t nqb = ceil_div(Sq, QB), nkb = ceil_div(Sk, KB);
 
   BlockPositions qpos, kpos;
-  qpos.init(p.mask.q_pos, p.mask.q_offset, Sq, QB);
-  kpos.init(p.mask.k_pos, p.mask.k_offset, Sk, KB);
+  qpos.init(p.mask.q_pos, p.mask.q_offset, p.mask.q_doc, Sq, QB);
+  kpos.init(p.mask.k_pos, p.mask.k_offset, p.mask.k_doc, Sk, KB);
 
   const scalar_t* q = static_cast<const scalar_t*>(p.q);
   const scalar_t* k = static_cast<const scalar_t*>(p.k);
@@ -184,7 +184,7 @@ void fwd_impl(const AttnFwdParams& p) {
       std::fill(lrow, lrow + m, acc(0));
 
       for (int64_t kb = 0; kb < nkb; ++kb) {
-        const TileKind kind = causal_tile(qpos, qb, kpos, kb, p.mask.causal, may_skip);
+        const TileKind kind = tile_kind(p.mask, qpos, qb, kpos, kb, may_skip);
         if (kind == TileKind::kSkip) continue;
         const int64_t j0 = kb * KB, n = std::min(KB, Sk - j0);
         if constexpr (kDot) {
@@ -194,8 +194,7 @@ void fwd_impl(const AttnFwdParams& p) {
           gemm_bcast(m, n, D, scale, Q, ldq, 1, kt_pack.data() + (bhk * nkb + kb) * D * KB, KB,
                      acc(0), S, n, /*split_k=*/n < 16);
         }
-        mask_tile(S, n, m, n, p.mask, b, h, i0, j0, qpos.pos.data(), kpos.pos.data(),
-                  kind == TileKind::kPartial);
+        mask_tile(S, n, m, n, p.mask, b, h, i0, j0, qpos, kpos, kind == TileKind::kPartial);
 
         for (int64_t r = 0; r < m; ++r) {
           acc* row = S + r * n;

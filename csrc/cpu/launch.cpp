@@ -54,9 +54,12 @@ void dispatch_dtypes(at::ScalarType in, at::ScalarType out, const Fn& fn) {
 std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& attn_mask,
     const OptTensor& q_pos, const OptTensor& k_pos, int64_t q_offset, int64_t k_offset,
-    bool is_causal, double scale, double dropout_p, const OptTensor& seed, bool out_fp32) {
+    bool is_causal, double scale, double dropout_p, const OptTensor& seed, bool out_fp32,
+    const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t window_left,
+    int64_t window_right, double softcap) {
   const FwdArgs args{q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset,
-                     is_causal, scale, dropout_p, seed};
+                     is_causal, scale, dropout_p, seed, cu_seqlens_q,
+                     cu_seqlens_k, window_left, window_right, softcap};
   PreparedFwd prep = prepare_fwd(args, out_fp32, c10::DeviceType::CPU);
   dispatch_dtypes(prep.q.scalar_type(), prep.out.scalar_type(), FwdLaunch{prep.params});
   return {prep.out, prep.lse};
@@ -67,9 +70,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const OptTensor& dlse,
     const OptTensor& attn_mask, const OptTensor& q_pos, const OptTensor& k_pos,
     int64_t q_offset, int64_t k_offset, bool is_causal, double scale, double dropout_p,
-    const OptTensor& seed, bool grad_fp32) {
+    const OptTensor& seed, bool grad_fp32, const OptTensor& cu_seqlens_q,
+    const OptTensor& cu_seqlens_k, int64_t window_left, int64_t window_right, double softcap) {
   const FwdArgs args{q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset,
-                     is_causal, scale, dropout_p, seed};
+                     is_causal, scale, dropout_p, seed, cu_seqlens_q,
+                     cu_seqlens_k, window_left, window_right, softcap};
   PreparedBwd prep = prepare_bwd(dout, out, lse, dlse, args, grad_fp32, c10::DeviceType::CPU);
   dispatch_dtypes(prep.q.scalar_type(), prep.dq.scalar_type(), BwdLaunch{prep.params});
   return {prep.dq, prep.dk, prep.dv};

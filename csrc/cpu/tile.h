@@ -16,6 +16,7 @@
 
 #include "common/attn_params.h"
 #include "common/dropout_rng.h"
+#include "common/visibility.h"
 #include "cpu/gemm.h"
 #include "cpu/rowops.h"
 
@@ -30,11 +31,15 @@ using acc_t = typename AccType<scalar_t>::type;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Global positions of one side (queries or keys) and the min/max over each block of it,
-// so a tile's causal status is decided from four numbers even for zigzag/striped maps.
+// Global positions (and documents) of one side, queries or keys, and their min/max over
+// each block, so a tile's status (common/visibility.h) is decided from eight numbers even
+// for zigzag/striped maps and packed documents.
 struct BlockPositions {
   std::vector<int64_t> pos, bmin, bmax;
-  void init(const int64_t* map, int64_t offset, int64_t len, int64_t block) {
+  std::vector<int32_t> doc;          // empty without documents
+  std::vector<int64_t> dmin, dmax;
+  void init(const int64_t* map, int64_t offset, const int32_t* docs, int64_t len,
+            int64_t block) {
     pos.resize(len);
     for (int64_t i = 0; i < len; ++i) pos[i] = map ? map[i] : offset + i;
     const int64_t nb = ceil_div(len, block);
@@ -44,38 +49,41 @@ struct BlockPositions {
       bmin[i / block] = std::min(bmin[i / block], pos[i]);
       bmax[i / block] = std::max(bmax[i / block], pos[i]);
     }
+    doc.clear();
+    if (docs == nullptr) return;
+    doc.assign(docs, docs + len);
+    dmin.assign(nb, std::numeric_limits<int64_t>::max());
+    dmax.assign(nb, std::numeric_limits<int64_t>::min());
+    for (int64_t i = 0; i < len; ++i) {
+      dmin[i / block] = std::min<int64_t>(dmin[i / block], doc[i]);
+      dmax[i / block] = std::max<int64_t>(dmax[i / block], doc[i]);
+    }
   }
+  Span span(int64_t blk) const { return {bmin[blk], bmax[blk]}; }
+  Span doc_span(int64_t blk) const { return doc.empty() ? Span{0, 0} : Span{dmin[blk], dmax[blk]}; }
+  int32_t doc_at(int64_t i) const { return doc.empty() ? 0 : doc[i]; }
 };
 
-enum class TileKind { kSkip, kFull, kPartial };
-
-// Whether a causal tile wholly in the future may be skipped: only when every value it
-// would read is finite (AttnMaskParams::nonfinite), since math adds -inf to a NaN score
-// and gets NaN, and 0 * NaN = NaN in the products.
-inline bool skip_allowed(const AttnMaskParams& mp) {
-  return mp.nonfinite == nullptr || *mp.nonfinite == 0;
+// The status of the tile (query block qb, key block kb) under the band and documents
+// (common/visibility.h); a tile with nothing visible is computed masked in full
+// (kPartial) when !may_skip.
+inline TileKind tile_kind(const AttnMaskParams& mp, const BlockPositions& qp, int64_t qb,
+                          const BlockPositions& kp, int64_t kb, bool may_skip) {
+  if (!has_visibility_rule(mp)) return TileKind::kFull;
+  const TileKind k = classify_tile(mp, qp.span(qb), kp.span(kb), qp.doc_span(qb), kp.doc_span(kb));
+  return k == TileKind::kSkip && !may_skip ? TileKind::kPartial : k;
 }
 
-// Causal status of the tile (query block qb, key block kb): kSkip when every key is after
-// every query (kPartial instead when !may_skip: masked in full), kFull when every key is
-// at or before every query, kPartial otherwise.
-inline TileKind causal_tile(const BlockPositions& qp, int64_t qb, const BlockPositions& kp,
-                            int64_t kb, bool causal, bool may_skip) {
-  if (!causal) return TileKind::kFull;
-  if (kp.bmin[kb] > qp.bmax[qb]) return may_skip ? TileKind::kSkip : TileKind::kPartial;
-  if (kp.bmax[kb] <= qp.bmin[qb]) return TileKind::kFull;
-  return TileKind::kPartial;
-}
-
-// Applies the attention mask and the causal rule to a score tile S[m x n] (row stride ldS)
-// whose rows are queries i0.. and columns keys j0.. of (batch b, query head h). T is the
+// Applies the attention mask and, on a partial tile, the band and documents
+// (common/visibility.h) to a score tile S[m x n] (row stride ldS) whose rows are queries
+// i0.. and columns keys j0.. of (batch b, query head h). T is the
 // accumulation type, the type a float mask is stored in. Masking adds -inf rather than
 // overwriting, as torch's math backend does, so a NaN or +inf score at a masked position
 // stays NaN (for finite scores the two are identical).
 template <typename T>
 void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp, int64_t b,
-               int64_t h, int64_t i0, int64_t j0, const int64_t* qpos, const int64_t* kpos,
-               bool causal_partial) {
+               int64_t h, int64_t i0, int64_t j0, const BlockPositions& qp,
+               const BlockPositions& kp, bool partial) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   if (mp.kind != MaskKind::kNone) {
     const int64_t base = b * mp.stride[0] + h * mp.stride[1];
@@ -93,11 +101,14 @@ void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp
       }
     }
   }
-  if (causal_partial) {
+  if (partial) {
     for (int64_t r = 0; r < m; ++r) {
       T* row = S + r * ldS;
-      const int64_t q = qpos[i0 + r];
-      for (int64_t c = 0; c < n; ++c) row[c] += kpos[j0 + c] > q ? kNegInf : T(0);
+      const int64_t q = qp.pos[i0 + r];
+      const int32_t qd = qp.doc_at(i0 + r);
+      for (int64_t c = 0; c < n; ++c) {
+        row[c] += visible(mp, q, kp.pos[j0 + c], qd, kp.doc_at(j0 + c)) ? T(0) : kNegInf;
+      }
     }
   }
 }
