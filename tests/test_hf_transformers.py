@@ -259,7 +259,7 @@ def _raises(fn, exc: type[BaseException], *needles: str) -> str:
 
 
 def _refusal_worker(rank: int, world: int) -> dict[str, str]:
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM
 
     import ring_attn
     from ring_attn.integrations import transformers as rt
@@ -281,6 +281,15 @@ def _refusal_worker(rank: int, world: int) -> dict[str, str]:
     torch.manual_seed(0)
     out["gemma2_softcap"] = _raises(lambda: step(Gemma2ForCausalLM(cfg)), NotImplementedError,
                                     "soft-capping", "layer 0")
+
+    # gpt-oss's learned sinks (s_aux) change every row's softmax; they used to be ignored.
+    cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                       sliding_window=S, layer_types=["full_attention", "full_attention"])
+    torch.manual_seed(0)
+    out["gpt_oss_sinks"] = _raises(lambda: step(GptOssForCausalLM(cfg)), NotImplementedError,
+                                   "sinks", "s_aux", "layer 0")
 
     def decode():  # a cache holding earlier tokens: the shards' caches are not the sequence's
         model = rt.prepare_model(_model("llama", F32))

@@ -32,7 +32,7 @@ does, and what this module does instead:
 Refused with an error rather than computed differently: a KV cache holding earlier tokens
 (decoding; a fresh cache in a training forward is fine), sliding-window layers whose window
 is shorter than the sequence (ring_attn's kernels have no window yet), attention logit
-soft-capping (Gemma 2), attention-weight outputs, position biases, bidirectional or custom
+soft-capping (Gemma 2), attention sinks (gpt-oss's s_aux), attention-weight outputs, position biases, bidirectional or custom
 mask functions (packed sequences, token-type overlays, chunked attention), 4-D masks whose
 key dimension is not the full sequence.
 
@@ -166,6 +166,11 @@ def _make_attention_function(group: Any, layout: str) -> Callable[..., tuple[Ten
         if kwargs.get("softcap") is not None:
             raise NotImplementedError(f"{where}: attention logit soft-capping (softcap="
                                       f"{kwargs['softcap']}) is not supported by ring_attn")
+        if kwargs.get("s_aux") is not None:
+            # gpt-oss's learned per-head sinks join each row's softmax denominator; ignoring
+            # them would train a different model with no error.
+            raise NotImplementedError(f"{where}: attention sinks (s_aux, gpt-oss) are not "
+                                      "supported by ring_attn")
         if kwargs.get("position_bias") is not None:
             raise NotImplementedError(f"{where}: position_bias is not supported by ring_attn")
         if kwargs.get("output_attentions"):
