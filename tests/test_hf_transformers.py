@@ -291,6 +291,13 @@ def _refusal_worker(rank: int, world: int) -> dict[str, str]:
     out["gpt_oss_sinks"] = _raises(lambda: step(GptOssForCausalLM(cfg)), NotImplementedError,
                                    "sinks", "s_aux", "layer 0")
 
+    def unknown_tensor():  # e.g. sparse-attention key indices: never ignored
+        from transformers import AttentionInterface
+        fn = AttentionInterface()[rt.register()]
+        q = torch.zeros(1, 2, S // world, 8)
+        fn(torch.nn.Module(), q, q, q, None, indices=torch.zeros(3, dtype=torch.long))
+    out["unknown_tensor_kwarg"] = _raises(unknown_tensor, NotImplementedError, "['indices']")
+
     def decode():  # a cache holding earlier tokens: the shards' caches are not the sequence's
         model = rt.prepare_model(_model("llama", F32))
         b = rt.shard_batch(batch)

@@ -141,6 +141,15 @@ def _ring_outside_graph(*args: Any, **kwargs: Any) -> Tensor:
     return ring_attention(*args, **kwargs)
 
 
+# Tensor arguments transformers passes down to the attention function that do not change
+# its result here: positions reach the ring through the layout (prepare_model's pre-hook
+# checks them), cache positions only index a KV cache (refused above), and the loss
+# arguments (shard_batch's) flow through the model's **kwargs untouched. Any other tensor
+# (cu_seq_lens_q/k of packed batches, sparse key indices, ...) is refused.
+_IGNORED_TENSOR_KWARGS = frozenset({"position_ids", "cache_position", "num_items_in_batch",
+                                    "labels", "shift_labels"})
+
+
 def _make_attention_function(group: Any, layout: str) -> Callable[..., tuple[Tensor, None]]:
     def ring_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
                                value: Tensor, attention_mask: Optional[Tensor],
@@ -166,13 +175,22 @@ def _make_attention_function(group: Any, layout: str) -> Callable[..., tuple[Ten
         if kwargs.get("softcap") is not None:
             raise NotImplementedError(f"{where}: attention logit soft-capping (softcap="
                                       f"{kwargs['softcap']}) is not supported by ring_attn")
-        if kwargs.get("s_aux") is not None:
-            # gpt-oss's learned per-head sinks join each row's softmax denominator; ignoring
-            # them would train a different model with no error.
-            raise NotImplementedError(f"{where}: attention sinks (s_aux, gpt-oss) are not "
-                                      "supported by ring_attn")
+        for name in ("s_aux", "sinks"):
+            if kwargs.get(name) is not None:
+                # gpt-oss's learned per-head sinks join each row's softmax denominator;
+                # ignoring them would train a different model with no error.
+                raise NotImplementedError(f"{where}: attention sinks ({name}=, gpt-oss and "
+                                          "others) are not supported by ring_attn")
         if kwargs.get("position_bias") is not None:
             raise NotImplementedError(f"{where}: position_bias is not supported by ring_attn")
+        unknown = sorted(n for n, x in kwargs.items()
+                         if isinstance(x, Tensor) and n not in _IGNORED_TENSOR_KWARGS)
+        if unknown:
+            # A tensor we do not know may select keys (sparse indices), pack documents
+            # (cu_seq_lens_*) or bias scores: refuse rather than compute something else.
+            raise NotImplementedError(f"{where}: transformers passed {unknown} to the "
+                                      "attention function; ring_attn does not know what they "
+                                      "change, so it refuses rather than ignore them")
         if kwargs.get("output_attentions"):
             raise NotImplementedError(f"{where}: output_attentions=True: the ring never forms "
                                       "the attention weights")
