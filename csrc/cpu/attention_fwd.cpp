@@ -2,7 +2,8 @@
 // key blocks), in the manner of ATen's CPU flash kernel.
 //
 // One work item per (batch, query head, query block), spread by at::parallel_for. For
-// each key block the item computes S = scale * Q K^T, adds the mask / causal rule to S,
+// each key block the item computes S = scale * Q K^T, soft-caps it (S = cap *
+// tanh(S / cap) when softcap > 0), adds the mask / band / documents to S,
 // folds the block into running row maxima m and sums l (O is rescaled by
 // exp(m_old - m_new)), drops elements of P for dropout, and accumulates O += P V.
 // At the end out = O / l and lse = m + log l; a row that saw no key keeps l = 0 and gets
@@ -82,6 +83,7 @@ void fwd_impl(const AttnFwdParams& p) {
   out_t* out = static_cast<out_t*>(p.out);
   acc* lse = static_cast<acc*>(p.lse);  // lse in the accumulation type (attn_params.h)
   const acc scale = static_cast<acc>(p.scale);
+  const acc softcap = static_cast<acc>(p.softcap);  // 0: off
   const bool has_dropout = p.dropout.p > 0.0;
   const bool direct_q = direct_rows<scalar_t, acc>(p.q_stride[2], D);
   const bool direct_v = direct_rows<scalar_t, acc>(p.v_stride[2], Dv);
@@ -194,6 +196,7 @@ void fwd_impl(const AttnFwdParams& p) {
           gemm_bcast(m, n, D, scale, Q, ldq, 1, kt_pack.data() + (bhk * nkb + kb) * D * KB, KB,
                      acc(0), S, n, /*split_k=*/n < 16);
         }
+        if (softcap > 0) softcap_tile<acc>(S, nullptr, n, m, n, softcap);
         mask_tile(S, n, m, n, p.mask, b, h, i0, j0, qpos, kpos, kind == TileKind::kPartial);
 
         for (int64_t r = 0; r < m; ++r) {

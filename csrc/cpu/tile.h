@@ -113,6 +113,34 @@ void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp
   }
 }
 
+// Soft-capping of a scaled score tile S[m x n] (row stride ld), before the mask
+// (attn_params.h): S = cap * tanh(S / cap). When dT is given (the backward), also
+// dT = 1 - tanh^2 (same layout), the factor dS is multiplied by to reach the raw score.
+// tanh keeps NaN and maps +-inf to +-1, as the same formula in torch does. Sleef's tanh
+// (at::vec, 1 ulp) in the vector body, std::tanh in the tail.
+template <typename T>
+void softcap_tile(T* S, T* dT, int64_t ld, int64_t m, int64_t n, T cap) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T inv = T(1) / cap;
+  const Vec vcap(cap), vinv(inv), one(T(1));
+  for (int64_t r = 0; r < m; ++r) {
+    T* row = S + r * ld;
+    T* drow = dT ? dT + r * ld : nullptr;
+    int64_t c = 0;
+    for (; c + W <= n; c += W) {
+      const Vec t = (Vec::loadu(row + c) * vinv).tanh();
+      (t * vcap).store(row + c);
+      if (drow) (one - t * t).store(drow + c);
+    }
+    for (; c < n; ++c) {
+      const T t = std::tanh(row[c] * inv);
+      row[c] = cap * t;
+      if (drow) drow[c] = T(1) - t * t;
+    }
+  }
+}
+
 // Dropout of a probability tile P[m x n] (row stride ld for every tile here): with
 // z = keep(r, c) / (1 - p), writes P * z into Pd (or into P itself when Pd is null) and,
 // when dP is given, multiplies dP by z. Keys whose positions share kpos >> 2 share one

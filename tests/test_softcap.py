@@ -1,0 +1,129 @@
+"""Soft-capped scores (Gemma 2) at the op level: s = softcap * tanh(scale * q k^T / softcap)
+before the mask (csrc/common/attn_params.h). torch's SDPA has no soft-capping, so the
+reference is that formula written here with torch ops in float64 (out, lse, and dq/dk/dv by
+autograd, whose tanh derivative is independent of the kernels' 1 - tanh^2); in place of
+torch's own error, the same formula evaluated by torch in float32 and rounded to the
+inputs' dtype. Scores are drawn large (std ~40)
+so the cap changes the result, which each case asserts against the uncapped reference.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import pytest
+import torch
+
+from helpers import assert_close_to_ref, dropout_keep_mask, randn
+from test_visibility import LSE_FLOOR, combined_mask, run_ours, visibility
+
+Tensor = torch.Tensor
+
+
+def softcap_attention(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, add_mask: Tensor,
+                      scale: float, softcap: Optional[float], dtype: torch.dtype,
+                      keep: Optional[Tensor] = None, dropout_p: float = 0.0):
+    """The contract's formula in dtype on CPU: (out, lse, (dq, dk, dv)). Rows whose every
+    score is -inf give out 0 and lse -inf (no gradient). keep: the dropout keep mask
+    (probabilities scaled by keep / (1 - dropout_p); lse stays the un-dropped one)."""
+    leaves = [t.detach().cpu().to(dtype).requires_grad_(True) for t in (q, k, v)]
+    qq, kk, vv = leaves
+    group = qq.shape[1] // kk.shape[1]
+    kk, vv = kk.repeat_interleave(group, 1), vv.repeat_interleave(group, 1)
+    s = scale * qq @ kk.transpose(-1, -2)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s + add_mask.to(dtype)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0).detach())
+    total = p.sum(-1, keepdim=True)
+    p = p / torch.where(total > 0, total, 1)  # an empty row: 0 / 1, and no 0 * inf grads
+    if keep is not None:
+        p = p * keep.to(dtype) / (1.0 - dropout_p)
+    out = p @ vv
+    grads = torch.autograd.grad(out, leaves, dout.cpu().to(dtype))
+    return out.detach(), lse.detach().squeeze(-1), grads
+
+
+def _check_softcap(device: str) -> None:
+    Sq, Sk, D = 150, 700, 16
+    scale = 1.0 / math.sqrt(D)
+    qp, kp = torch.arange(Sq) + 550, torch.arange(Sk)
+    bmask = torch.rand((1, 1, Sq, Sk), generator=torch.Generator().manual_seed(9)) < 0.9
+    cases = [  # (softcap, causal, window, cu, mask, Hq, Hk)
+        (30.0, False, (-1, -1), None, None, 2, 2),
+        (50.0, True, (-1, -1), None, None, 4, 2),
+        (30.0, True, (200, -1), None, bmask, 2, 1),
+        (50.0, False, (64, 64), ([0, 300, 301, 650], [0, 300, 301, 650]), None, 2, 2),
+    ]
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for seed, (cap, causal, window, cu, mask, hq, hk) in enumerate(cases):
+            g = torch.Generator().manual_seed(seed)
+            # q, k ~ N(0, 6^2): scores scale * q.k with std 36, well past both caps.
+            q = randn((1, hq, Sq, D), dtype, g, device, mul=6.0)
+            k = randn((1, hk, Sk, D), dtype, g, device, mul=6.0)
+            v = randn((1, hk, Sk, D), dtype, g, device)
+            dout = randn((1, hq, Sq, D), dtype, g, device)
+            add64 = combined_mask(visibility(qp, kp, causal, window, *(cu or (None, None))),
+                                  mask, torch.float64)
+            out, lse, grads = run_ours(q, k, v, dout, mask=None if mask is None else
+                                       mask.to(device), q_offset=550, causal=causal,
+                                       scale=scale, window=window, cu=cu, softcap=cap)
+            r_out, r_lse, r_grads = softcap_attention(q, k, v, dout, add64, scale, cap,
+                                                      torch.float64)
+            u_out, _, _ = softcap_attention(q, k, v, dout, add64, scale, None, torch.float64)
+            assert all(torch.isfinite(t).all() for t in (r_out, *r_grads))
+            assert (u_out - r_out).abs().max() > 0.1, "the cap must matter in this case"
+            if dtype == torch.float64:
+                t_out, t_grads = None, (None,) * 3  # float64-exact: the floor alone
+            else:
+                # The formula in float32 (what a kernel accumulating in float32 computes
+                # from these inputs), rounded once to the inputs' dtype.
+                t_out, _, t_grads = softcap_attention(q, k, v, dout, add64.float(), scale,
+                                                      cap, torch.float32)
+                t_out, t_grads = t_out.to(dtype), [t.to(dtype) for t in t_grads]
+            tag = f"softcap {cap} {dtype} causal={causal} window={window} docs={cu is not None}"
+            assert_close_to_ref(out.cpu(), t_out, r_out, factor=4.0, what=f"{tag} out")
+            for name, ours, theirs, ref in zip(("dq", "dk", "dv"), grads, t_grads, r_grads):
+                assert_close_to_ref(ours.cpu(), theirs, ref, factor=5.0, what=f"{tag} {name}")
+            assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(r_lse)), tag
+            assert_close_to_ref(lse.cpu(), None, r_lse, atol_floor=LSE_FLOOR[dtype],
+                                what=f"{tag} lse")
+
+
+def test_softcap_cpu():
+    _check_softcap("cpu")
+
+
+@pytest.mark.cuda
+def test_softcap_cuda():
+    _check_softcap("cuda")
+
+
+def _check_softcap_dropout(device: str) -> None:
+    """Dropout drops the capped probabilities: against the formula with the keep mask of
+    helpers.dropout_keep_mask (an independent model of the kernels' Philox RNG)."""
+    g = torch.Generator().manual_seed(11)
+    B, H, S, D, p = 1, 2, 200, 16, 0.25
+    q, k, v, dout = (randn((B, H, S, D), torch.float64, g, device, mul=m)
+                     for m in (6.0, 6.0, 1.0, 1.0))
+    seed = 99
+    pos = torch.arange(S)
+    add64 = combined_mask(visibility(pos, pos, True, (-1, -1), None, None), None, torch.float64)
+    out, lse, grads = run_ours(q, k, v, dout, causal=True, softcap=30.0, dropout_p=p,
+                               seed=torch.tensor(seed, dtype=torch.int64))
+    keep = dropout_keep_mask(seed, B, H, pos.tolist(), pos.tolist(), p)
+    r_out, r_lse, r_grads = softcap_attention(q, k, v, dout, add64, 0.25, 30.0, torch.float64,
+                                              keep=keep, dropout_p=p)
+    for name, ours, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads),
+                               (r_out, r_lse, *r_grads)):
+        assert_close_to_ref(ours.cpu(), None, ref, atol_floor=1e-12, what=f"dropout {name}")
+
+
+def test_softcap_dropout_cpu():
+    _check_softcap_dropout("cpu")
+
+
+@pytest.mark.cuda
+def test_softcap_dropout_cuda():
+    _check_softcap_dropout("cuda")
