@@ -7,7 +7,8 @@
 // item's float32 accumulators) and every query block. Per (query block, key block) tile:
 //   S  = scale * Q K^T, softcapped: S = cap * tanh(S / cap), T = 1 - tanh^2 (softcap > 0)
 //   P = exp(S + mask - lse)                            (P = 0 where lse = -inf; the mask
-//                                                       in the accumulation type)
+//                                                       in the accumulation type, lse in
+//                                                       float64, split hi + lo)
 //   dP = dO V^T, then both P and dP are multiplied by keep / (1 - p) under dropout
 //   dV += P_dropped^T dO
 //   dS = P * (dP - delta)                              (delta = rowsum(dO * O) - dlse)
@@ -114,7 +115,7 @@ void bwd_impl(const AttnBwdParams& p) {
   const acc scale = static_cast<acc>(p.scale);
   const acc softcap = static_cast<acc>(p.softcap);  // 0: off
   const bool has_dropout = p.dropout.p > 0.0;
-  const acc* lse = static_cast<const acc*>(p.lse);  // accumulation type (attn_params.h)
+  const double* lse = static_cast<const double*>(p.lse);  // every dtype (attn_params.h)
   const bool direct_q = direct_rows<scalar_t, acc>(p.q_stride[2], D);
   const bool direct_do = direct_rows<scalar_t, acc>(p.dout_stride[2], Dv);
   const bool may_skip = skip_allowed(p.mask);
@@ -153,7 +154,6 @@ void bwd_impl(const AttnBwdParams& p) {
     uint32_t* Vt2c = reinterpret_cast<uint32_t*>(Vtc);
     uint32_t* Q2 = reinterpret_cast<uint32_t*>(Tcap + (softcap > 0 ? QB * KB : 0));
     uint32_t* dO2 = Q2 + QB * D2;
-    constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item % nchunks;
@@ -183,7 +183,7 @@ void bwd_impl(const AttnBwdParams& p) {
         const int64_t h = hk * group + g;
         const scalar_t* qh = q + b * p.q_stride[0] + h * p.q_stride[1];
         const scalar_t* doh = dout + b * p.dout_stride[0] + h * p.dout_stride[1];
-        const acc* lse_h = lse + (b * Hq + h) * Sq;
+        const double* lse_h = lse + (b * Hq + h) * Sq;
         const acc* delta_h = delta + (b * Hq + h) * Sq;
         for (int64_t qb = 0; qb < nqb; ++qb) {
           const int64_t i0 = qb * QB, m = std::min(QB, Sq - i0);
@@ -230,11 +230,14 @@ void bwd_impl(const AttnBwdParams& p) {
             mask_tile(P, n, m, n, p.mask, b, h, i0, j0, qpos, kpos, kind == TileKind::kPartial);
             for (int64_t r = 0; r < m; ++r) {
               acc* row = P + r * n;
-              const acc l = lse_h[i0 + r];
-              if (l == kNegInf) {
+              const double l = lse_h[i0 + r];
+              if (l == -std::numeric_limits<double>::infinity()) {
                 std::fill(row, row + n, acc(0));
               } else {
-                exp_row_sum(row, n, l);
+                // P = exp((S - hi) - lo), lse = hi + lo (attn_params.h): exact for
+                // float64 (lo = 0); for float32 the log(n) that hi alone rounds away.
+                const acc hi = static_cast<acc>(l);
+                exp_row_sum(row, n, hi, static_cast<acc>(l - double(hi)));
               }
             }
             // dP = dO V^T

@@ -17,8 +17,9 @@
 // only on a true -inf max; P V runs over every tile that is not skipped, so 0 * NaN in V
 // poisons its column as in math; and no tile is skipped when any input is non-finite.
 //
-// Accumulation is float32 (float64 for float64 inputs), and so are lse and a float mask
-// (attn_params.h): float64 stays float64-accurate end to end. K^T (and V, when it is not
+// Accumulation is float32 (float64 for float64 inputs), and so is a float mask; lse is
+// written in float64 for every dtype (attn_params.h): float64 stays float64-accurate end
+// to end, and a row saturated by a huge finite mask keeps its log(n). K^T (and V, when it is not
 // float32 rows already) is packed once per call in the accumulation type, so both products
 // run in gemm_bcast (gemm.h): our AVX-512 or AVX2 micro-kernel (float), the BLAS (double).
 // bfloat16 on CPUs with AVX512-BF16 packs K^T and V as bf16 pairs instead and runs both
@@ -81,7 +82,7 @@ void fwd_impl(const AttnFwdParams& p) {
   const scalar_t* k = static_cast<const scalar_t*>(p.k);
   const scalar_t* v = static_cast<const scalar_t*>(p.v);
   out_t* out = static_cast<out_t*>(p.out);
-  acc* lse = static_cast<acc*>(p.lse);  // lse in the accumulation type (attn_params.h)
+  double* lse = static_cast<double*>(p.lse);  // float64 for every dtype (attn_params.h)
   const acc scale = static_cast<acc>(p.scale);
   const acc softcap = static_cast<acc>(p.softcap);  // 0: off
   const bool has_dropout = p.dropout.p > 0.0;
@@ -226,14 +227,16 @@ void fwd_impl(const AttnFwdParams& p) {
       }
 
       out_t* oh = out + ((b * Hq + h) * Sq + i0) * Dv;
-      acc* lh = lse + (b * Hq + h) * Sq + i0;
+      double* lh = lse + (b * Hq + h) * Sq + i0;
       for (int64_t r = 0; r < m; ++r) {
         // l == 0: no key survived, out = O * 0 (NaN where 0 * NaN in V made O NaN, as in
         // math) and lse = -inf. A NaN l (a NaN or +inf score) makes out and lse NaN.
         const acc l = lrow[r];
         const acc inv = l == acc(0) ? acc(0) : acc(1) / l;
         for (int64_t c = 0; c < Dv; ++c) oh[r * Dv + c] = static_cast<out_t>(O[r * Dv + c] * inv);
-        lh[r] = l == acc(0) ? kNegInf : mrow[r] + std::log(l);
+        // In double: in float32, m + log(l) loses log(l) when |m| >> 1e7 (attn_params.h).
+        lh[r] = l == acc(0) ? -std::numeric_limits<double>::infinity()
+                            : double(mrow[r]) + std::log(double(l));
       }
     }
   });
