@@ -21,7 +21,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ring_attn
 from ring_attn import ops
+from ring_attn.errors import RingAttnException
+from ring_attn.functional import attention
 from ring_attn.layout import global_positions
 from helpers import assert_close_to_ref, randn, sdpa_reference
 
@@ -375,3 +378,85 @@ def test_nonfinite_outside_cpu():
 @pytest.mark.cuda
 def test_nonfinite_outside_cuda():
     _check_nonfinite_outside("cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# ring_attn.attention: the one-device entry with window= and softcap= (functional.py).
+def _check_attention_api(device: str) -> None:
+    """attention(..., window=...) through autograd against torch's SDPA with the explicit
+    band mask (top-left aligned positions, as is_causal), in float64 and in dtype."""
+    B, Hq, Hk, D = 2, 4, 2, 32
+    g = torch.Generator().manual_seed(12)
+    pad = torch.ones(B, 1, 1, 300, dtype=torch.bool)
+    pad[1, ..., 250:] = False  # the second sequence's last 50 keys are padding
+    cases = [  # (L, S, is_causal, window, mask)
+        (300, 300, False, (64, 0), None), (300, 300, True, (100, -1), None),
+        (300, 300, False, (30, 30), None), (300, 300, False, (50, 0), pad),
+        (100, 300, False, (20, 20), None), (100, 300, True, (0, -1), None),
+    ]
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for L, S, causal, window, mask in cases if dtype == torch.float32 else cases[3:5]:
+            q = randn((B, Hq, L, D), dtype, g, device)
+            k, v = (randn((B, Hk, S, D), dtype, g, device) for _ in range(2))
+            dout = randn((B, Hq, L, D), dtype, g, device)
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            out = attention(*leaves, is_causal=causal, window=window,
+                                      attn_mask=None if mask is None else mask.to(device),
+                                      enable_gqa=True)
+            grads = torch.autograd.grad(out, leaves, dout)
+            vis = visibility(torch.arange(L), torch.arange(S), causal, window, None, None)
+            scale = 1.0 / math.sqrt(D)
+            r_out, r_grads = torch_sdpa(q.cpu(), k.cpu(), v.cpu(), dout.cpu(),
+                                        combined_mask(vis, mask, torch.float64), scale,
+                                        torch.float64, math_only=True)
+            t_out, t_grads = (None, (None,) * 3)
+            if dtype != torch.float64:
+                t_out, t_grads = torch_sdpa(q, k, v, dout,
+                                            combined_mask(vis, mask, dtype).to(device), scale,
+                                            dtype)
+                t_out, t_grads = t_out.cpu(), [t.cpu() for t in t_grads]
+            tag = f"attention {dtype} L={L} S={S} causal={causal} window={window}"
+            assert out.dtype == dtype and out.shape == (B, Hq, L, D), tag
+            assert_close_to_ref(out.detach().cpu(), t_out, r_out, factor=4.0, what=f"{tag} out")
+            for name, ours, theirs, ref in zip(("dq", "dk", "dv"), grads, t_grads, r_grads):
+                assert_close_to_ref(ours.cpu(), theirs, ref, factor=5.0, what=f"{tag} {name}")
+    # No window is scaled_dot_product_attention, bit for bit; 3-D inputs broadcast as there.
+    q, k, v = (randn((2, 70, 16), torch.float32, g, device) for _ in range(3))
+    sdpa = ring_attn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for window in (None, (-1, -1), (-1, 0), [-1, 5]):
+        out = attention(q, k, v, is_causal=True, window=window)
+        assert out.shape == (2, 70, 16) and torch.equal(out, sdpa), window
+
+
+def test_attention_api_cpu():
+    _check_attention_api("cpu")
+
+
+@pytest.mark.cuda
+def test_attention_api_cuda():
+    _check_attention_api("cuda")
+
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(window=5), TypeError, "window must be None or a pair of ints"),
+    (dict(window=(3,)), TypeError, "window must be None or a pair of ints"),
+    (dict(window=(3, 0, 1)), TypeError, "window must be None or a pair of ints"),
+    (dict(window=(3.0, 0)), TypeError, "window must be None or a pair of ints"),
+    (dict(window=(True, 0)), TypeError, "window must be None or a pair of ints"),
+    (dict(window="3,0"), TypeError, "window must be None or a pair of ints"),
+    (dict(window=(-2, 0)), RuntimeError, "window left bound must be >= 0, or -1"),
+    (dict(window=(4, -5)), RuntimeError, "window right bound must be >= 0, or -1"),
+    (dict(softcap=-1.0), RuntimeError, "softcap must be finite and > 0"),
+    (dict(softcap=math.nan), RuntimeError, "softcap must be finite and > 0"),
+    (dict(softcap=math.inf), RuntimeError, "softcap must be finite and > 0"),
+    (dict(softcap="30"), TypeError, "softcap must be a float or None"),
+    (dict(softcap=True), TypeError, "softcap must be a float or None"),
+    (dict(is_causal=1), TypeError, "is_causal must be bool"),
+])
+def test_attention_errors(kwargs, exc, words):
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(exc, match=words) as info:
+        attention(q, q, q, **kwargs)
+    assert isinstance(info.value, RingAttnException)
+    with pytest.raises(TypeError):  # everything after value is keyword-only
+        attention(q, q, q, True)
