@@ -304,6 +304,7 @@ import test_nonfinite as t
 for dtype in (torch.float32, torch.bfloat16):
     t._check_injection("cpu", dtype, math.nan)
 t._check_skipped_tiles("cpu", torch.float32)
+t._check_saturated_row("cpu", torch.float32, -1e9)  # the portable exp with lse's lo part
 print("ok")
 """
 

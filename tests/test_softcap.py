@@ -1,9 +1,9 @@
 """Soft-capped scores (Gemma 2) at the op level: s = softcap * tanh(scale * q k^T / softcap)
 before the mask (csrc/common/attn_params.h). torch's SDPA has no soft-capping, so the
 reference is that formula written here with torch ops in float64 (out, lse, and dq/dk/dv by
-autograd, whose tanh derivative is independent of the kernels' 1 - tanh^2); in place of
-torch's own error, the same formula evaluated by torch in float32 and rounded to the
-inputs' dtype. Scores are drawn large (std ~40)
+autograd, whose tanh derivative is independent of the kernels' 1 - tanh^2). torch's own
+error is that of the same formula run by torch in the inputs' dtype with the softmax in
+float32 (bfloat16: Hugging Face's eager Gemma 2 attention does exactly this). Scores are drawn large (std ~40)
 so the cap changes the result, which each case asserts against the uncapped reference.
 """
 from __future__ import annotations
@@ -24,9 +24,10 @@ Tensor = torch.Tensor
 def softcap_attention(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, add_mask: Tensor,
                       scale: float, softcap: Optional[float], dtype: torch.dtype,
                       keep: Optional[Tensor] = None, dropout_p: float = 0.0):
-    """The contract's formula in dtype on CPU: (out, lse, (dq, dk, dv)). Rows whose every
-    score is -inf give out 0 and lse -inf (no gradient). keep: the dropout keep mask
-    (probabilities scaled by keep / (1 - dropout_p); lse stays the un-dropped one)."""
+    """The contract's formula on CPU, products and tanh in dtype, the softmax in float32
+    (float64 for float64): (out, lse, (dq, dk, dv)). Rows whose every score is -inf give
+    out 0 and lse -inf (no gradient). keep: the dropout keep mask (probabilities scaled
+    by keep / (1 - dropout_p); lse stays the un-dropped one)."""
     leaves = [t.detach().cpu().to(dtype).requires_grad_(True) for t in (q, k, v)]
     qq, kk, vv = leaves
     group = qq.shape[1] // kk.shape[1]
@@ -34,14 +35,15 @@ def softcap_attention(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, add_mask: T
     s = scale * qq @ kk.transpose(-1, -2)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    s = s + add_mask.to(dtype)
+    s = s.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    s = s + add_mask.to(s.dtype)
     lse = torch.logsumexp(s, -1, keepdim=True)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0).detach())
     total = p.sum(-1, keepdim=True)
     p = p / torch.where(total > 0, total, 1)  # an empty row: 0 / 1, and no 0 * inf grads
     if keep is not None:
-        p = p * keep.to(dtype) / (1.0 - dropout_p)
-    out = p @ vv
+        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
+    out = p.to(dtype) @ vv
     grads = torch.autograd.grad(out, leaves, dout.cpu().to(dtype))
     return out.detach(), lse.detach().squeeze(-1), grads
 
@@ -80,11 +82,8 @@ def _check_softcap(device: str) -> None:
             if dtype == torch.float64:
                 t_out, t_grads = None, (None,) * 3  # float64-exact: the floor alone
             else:
-                # The formula in float32 (what a kernel accumulating in float32 computes
-                # from these inputs), rounded once to the inputs' dtype.
                 t_out, _, t_grads = softcap_attention(q, k, v, dout, add64.float(), scale,
-                                                      cap, torch.float32)
-                t_out, t_grads = t_out.to(dtype), [t.to(dtype) for t in t_grads]
+                                                      cap, dtype)
             tag = f"softcap {cap} {dtype} causal={causal} window={window} docs={cu is not None}"
             assert_close_to_ref(out.cpu(), t_out, r_out, factor=4.0, what=f"{tag} out")
             for name, ours, theirs, ref in zip(("dq", "dk", "dv"), grads, t_grads, r_grads):
@@ -154,8 +153,8 @@ def _check_softcap_api(device: str) -> None:
             r_out, r_grads = r_out[0], [t[0] for t in r_grads]
             t_out, t_grads = None, (None,) * 3
             if dtype != torch.float64:
-                t_out, _, t_grads = softcap_attention(*b4, add.float(), 0.25, cap, torch.float32)
-                t_out, t_grads = t_out[0].to(dtype), [t[0].to(dtype) for t in t_grads]
+                t_out, _, t_grads = softcap_attention(*b4, add.float(), 0.25, cap, dtype)
+                t_out, t_grads = t_out[0], [t[0] for t in t_grads]
             tag = f"attention softcap={cap} {dtype} window={window}"
             assert_close_to_ref(out.detach().cpu(), t_out, r_out, factor=4.0, what=f"{tag} out")
             for name, ours, theirs, ref in zip(("dq", "dk", "dv"), grads, t_grads, r_grads):
