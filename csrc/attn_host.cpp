@@ -103,7 +103,8 @@ at::Tensor document_ids(const at::Tensor& cu, const at::Tensor& pos, int64_t off
 }
 
 // The accumulation dtype of the kernels: float64 for float64 inputs, float32 otherwise.
-// lse, delta and a floating mask are stored in it (attn_params.h).
+// delta and a floating mask are stored in it; lse is float64 for every dtype
+// (attn_params.h, AttnFwdParams::lse).
 at::ScalarType acc_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -243,7 +244,7 @@ PreparedFwd prepare_fwd(const FwdArgs& a, bool out_fp32, c10::DeviceType device)
   const auto& s = p.shape;
   const auto out_dtype = out_fp32 ? at::kFloat : a.q.scalar_type();
   r.out = at::empty({s.B, s.Hq, s.Sq, s.Dv}, a.q.options().dtype(out_dtype));
-  r.lse = at::empty({s.B, s.Hq, s.Sq}, a.q.options().dtype(acc_dtype(a.q)));
+  r.lse = at::empty({s.B, s.Hq, s.Sq}, a.q.options().dtype(at::kDouble));  // every dtype
   p.out = r.out.data_ptr();
   p.lse = r.lse.data_ptr();
   const at::Tensor mask_values =
@@ -282,9 +283,10 @@ PreparedBwd prepare_bwd(const at::Tensor& dout, const at::Tensor& out, const at:
   AttnBwdParams& p = r.params;
   fill_common(a, r, p);
   r.dout = unit_last(dout.to(a.q.scalar_type()));
-  // lse and delta_i = sum_d dout_id * out_id - dlse_i in the accumulation dtype.
+  // lse in float64 (any floating lse is accepted and widened exactly from float32) and
+  // delta_i = sum_d dout_id * out_id - dlse_i in the accumulation dtype.
   const auto acc = acc_dtype(a.q);
-  r.lse = lse.to(acc).contiguous();
+  r.lse = lse.to(at::kDouble).contiguous();
   at::Tensor delta = (dout.to(acc) * out.to(acc)).sum(-1);
   if (has_dlse) delta = delta - dlse->to(acc);
   r.delta = delta.contiguous();

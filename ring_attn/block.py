@@ -108,7 +108,7 @@ def forward_block(spec: RingSpec, blk: BlockStep, q: Tensor, k: Tensor, v: Tenso
     if acc is None:
         if blk.q_len != q.size(2):
             raise AssertionError("ring_attn: the first block must cover every query row")
-        return out, lse.to(acc_dtype(q.dtype))
+        return out, lse  # float64 lse from the kernel (merge.py)
     acc_out, acc_lse = acc
     merge_(_rows(acc_out, blk.q_start, blk.q_len), _rows(acc_lse, blk.q_start, blk.q_len),
            out, lse)

@@ -1,4 +1,5 @@
-"""`scaled_dot_product_attention`: a drop-in for torch's, computed by the ring_attn kernels.
+"""`scaled_dot_product_attention`: a drop-in for torch's, computed by the ring_attn kernels;
+and `attention`, the same entry with sliding windows and soft-capped scores.
 
 Same signature and semantics as torch.nn.functional.scaled_dot_product_attention: inputs
 [..., L, E] / [..., S, E] / [..., S, Ev] with batch dims broadcast, the head dim -3 mapped
@@ -10,6 +11,12 @@ Rows whose keys are all masked out give 0 (as torch's public SDPA does); NaN/inf
 exactly as in torch's math backend. Inputs torch rejects raise torch's exception type
 (errors.py); a double backward (create_graph=True) raises. Meta tensors
 give shapes only; under torch.compile the function traces without graph breaks.
+
+`attention(..., window=(left, right), softcap=...)` shares that code path and adds the
+band and soft-capping of the kernels (csrc/common/attn_params.h): query i sees key j iff
+i - left <= j <= i + right (flash-attn's convention, -1 unbounded; positions top-left
+aligned as for is_causal, so is_causal is window right = 0), and scores become
+softcap * tanh(score / softcap) before the mask.
 """
 from __future__ import annotations
 
@@ -81,6 +88,40 @@ def check_scale(value: object) -> Optional[float]:
                                 f"{type(value).__name__} {value!r}")
     if not math.isfinite(value):
         raise RingAttnError(f"ring_attn: scale must be finite or None, got {value}")
+    return float(value)
+
+
+def check_window(window: object) -> tuple[int, int]:
+    """window as (left, right) ints, flash-attn's convention: -1 is unbounded on that side,
+    None is no window. A non-pair or non-int element is a TypeError (as torch's parser
+    raises for a wrong type); a bound below -1 a RingAttnError."""
+    if window is None:
+        return -1, -1
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise RingAttnTypeError("ring_attn: window must be None or a pair of ints (left, right), "
+                                f"-1 for unbounded, got {type(window).__name__} {window!r}")
+    for side, w in zip(("left", "right"), window):
+        if w < -1:
+            raise RingAttnError(f"ring_attn: window {side} bound must be >= 0, or -1 for "
+                                f"unbounded, got window={tuple(window)!r}")
+    return int(window[0]), int(window[1])
+
+
+def check_softcap(value: object) -> float:
+    """softcap as a float, 0.0 for off (None or 0). A Python number or a 0-D tensor is
+    accepted, as for scale; anything else (a bool, a str) is a TypeError; a negative or
+    non-finite value a RingAttnError."""
+    if value is None:
+        return 0.0
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RingAttnTypeError("ring_attn: softcap must be a float or None, got "
+                                f"{type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise RingAttnError("ring_attn: softcap must be finite and > 0 (or None / 0 for off), "
+                            f"got {value}")
     return float(value)
 
 
@@ -229,8 +270,33 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
     """Exact attention, a drop-in for torch.nn.functional.scaled_dot_product_attention."""
+    return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                      None, None)
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool = False,
+              window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
+              attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+              scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+    """scaled_dot_product_attention with a sliding window and soft-capped scores.
+
+    window=(left, right): query i sees keys i - left ... i + right (-1: unbounded on that
+    side; None: no window), on top-left aligned positions like is_causal, which is
+    right = 0 (so window=(left, 0) is causal with a window and combines with attn_mask).
+    softcap > 0: scores become softcap * tanh(score / softcap) before the mask (Gemma 2);
+    None or 0 is off. Everything else as scaled_dot_product_attention."""
+    return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                      window, softcap)
+
+
+def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+               dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
+               window: object, softcap: object) -> Tensor:
+    """The one single-device implementation behind both entry points."""
     dropout_p, scale = validate_inputs(query, key, value, attn_mask, dropout_p, is_causal,
                                        scale, enable_gqa)
+    left, right = check_window(window)
+    softcap = check_softcap(softcap)
     batch = _batch_shape(query, key, value)
     e = query.shape[-1]
     if scale is None:
@@ -242,7 +308,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, batch, hq, lq, lk)
     seed = draw_seed() if dropout_p > 0.0 else None
     out, _ = ops.attn_fwd(q4, k4, v4, mask4, None, None, 0, 0, bool(is_causal), float(scale),
-                          float(dropout_p), seed, False)
+                          float(dropout_p), seed, False, None, None, left, right, softcap)
     # Output rank is the largest input rank, as with torch's broadcasting matmuls.
     full = (*batch, hq, lq, value.shape[-1])
     rank = max(query.dim(), key.dim(), value.dim())

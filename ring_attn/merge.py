@@ -11,10 +11,12 @@ Weights are computed relative to the running max, so nothing overflows. A row wi
 key yet has lse = -inf (and out = 0); when both are -inf, m is replaced by 0 so the
 weights are exp(-inf) = 0 instead of exp(nan), and the row stays out = 0, lse = -inf.
 
-The accumulators are float32 (float64 for float64 inputs) whatever the input dtype, so a
-bf16 ring rounds its output once, at the end, not once per step. The kernels return lse
-in that same accumulation dtype (the attn_fwd contract), so a float64 ring's merge weights
-exp(lse - m) carry no float32 rounding.
+The out accumulator is float32 (float64 for float64 inputs) whatever the input dtype, so
+a bf16 ring rounds its output once, at the end, not once per step. lse is float64 for
+every dtype, as the kernels return it (csrc/common/attn_params.h): a row whose scores all
+sit near a huge finite mask value (|lse| ~ 1e9..3e38) keeps its log(n) through the merge
+(in float32, m + log(total) would round to m), and the weights exp(lse - m) are formed in
+float64 and cast once to the out accumulator's dtype.
 """
 from __future__ import annotations
 
@@ -23,16 +25,21 @@ import torch
 Tensor = torch.Tensor
 
 
+# The dtype of every lse: kernels' outputs, the ring's accumulator, the merge.
+LSE_DTYPE = torch.float64
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for inputs of dtype: float64 stays, everything else float32."""
+    """Accumulation dtype of out for inputs of dtype: float64 stays, everything else
+    float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def merge_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
     """In place: (acc_out, acc_lse) <- merge of itself with (out, lse).
 
-    acc_out [..., S, Dv] and acc_lse [..., S] may be views (narrowed rows of a larger
-    accumulator); out / lse are any floating dtype and are promoted to acc_out's."""
+    acc_out [..., S, Dv] and acc_lse [..., S] (float64) may be views (narrowed rows of a
+    larger accumulator); out is promoted to acc_out's dtype, lse to acc_lse's."""
     lse = lse.to(acc_lse.dtype)
     m = torch.maximum(acc_lse, lse)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
@@ -47,9 +54,8 @@ def merge_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
 
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Out-of-place merge in the accumulation dtype of out_a."""
-    dt = acc_dtype(out_a.dtype)
-    acc_out = out_a.to(dt, copy=True)
-    acc_lse = lse_a.to(dt, copy=True)
+    """Out-of-place merge: out in the accumulation dtype of out_a, lse in float64."""
+    acc_out = out_a.to(acc_dtype(out_a.dtype), copy=True)
+    acc_lse = lse_a.to(LSE_DTYPE, copy=True)
     merge_(acc_out, acc_lse, out_b, lse_b)
     return acc_out, acc_lse

@@ -8,7 +8,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.ring_attn)
 from .errors import refuse_double_backward
-from .merge import acc_dtype
+from .merge import LSE_DTYPE
 
 Tensor = torch.Tensor
 
@@ -56,8 +56,8 @@ def _attn_fwd_fake(q, k, v, attn_mask=None, q_pos=None, k_pos=None, q_offset=0, 
     B, Hq, Sq, _ = q.shape
     out_dtype = torch.float32 if out_fp32 else q.dtype
     out = q.new_empty((B, Hq, Sq, v.shape[-1]), dtype=out_dtype)
-    # lse in the accumulation dtype: float64 for float64 q, float32 for every other dtype.
-    lse = q.new_empty((B, Hq, Sq), dtype=acc_dtype(q.dtype))
+    # lse is float64 for every input dtype (csrc/common/attn_params.h).
+    lse = q.new_empty((B, Hq, Sq), dtype=LSE_DTYPE)
     return out, lse
 
 

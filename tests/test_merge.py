@@ -54,11 +54,12 @@ def test_empty_rows_stay_zero_without_nan() -> None:
 
 def test_large_lse_no_overflow_and_float32_accumulation() -> None:
     # Scores near 1e4 would overflow exp(lse) in any dtype: weights are relative to max.
+    # out accumulates in float32, lse in float64 (as the kernels return it).
     out_a, out_b = torch.randn(3, 4), torch.randn(3, 4)
     lse_a = torch.tensor([1e4, -1e4, 0.0])
     lse_b = torch.tensor([1e4 + math.log(3.0), -1e4, float("-inf")])
     out, lse = merge(out_a, lse_a, out_b, lse_b)
-    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert out.dtype == torch.float32 and lse.dtype == torch.float64
     # Expected weights from the float32 values actually stored (1e4 + log 3 rounds).
     w_b = torch.sigmoid(lse_b.double() - lse_a.double()).float()
     w = torch.stack([1 - w_b, w_b], 1)
@@ -68,6 +69,20 @@ def test_large_lse_no_overflow_and_float32_accumulation() -> None:
     # bf16 partials merge in float32: the accumulator keeps float32's precision.
     acc, acc_lse = merge(out_a, lse_a, out_b.bfloat16(), lse_b)
     assert acc.dtype == torch.float32
+
+
+def test_saturated_rows_keep_log_n() -> None:
+    # Rows masked entirely by a huge finite value (-1e9): block lse = -1e9 + log(n_b).
+    # The merged lse is -1e9 + log(n_a + n_b) and the weights n_a / (n_a + n_b); in
+    # float32 both lse would round to -1e9 and the weights to 1/2.
+    n_a, n_b = 3.0, 45.0
+    out_a, out_b = torch.ones(1, 2), torch.zeros(1, 2)
+    lse_a = torch.tensor([-1e9 + math.log(n_a)], dtype=torch.float64)
+    lse_b = torch.tensor([-1e9 + math.log(n_b)], dtype=torch.float64)
+    out, lse = merge(out_a, lse_a, out_b, lse_b)
+    assert lse.dtype == torch.float64
+    assert abs(float(lse[0]) - (-1e9 + math.log(n_a + n_b))) < 3e-7  # float64 ulp 1.2e-7
+    torch.testing.assert_close(out, torch.full((1, 2), n_a / (n_a + n_b)), rtol=1e-6, atol=0)
 
 
 def _math_partial(q, k, v, mask, keys):

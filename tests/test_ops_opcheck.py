@@ -72,7 +72,7 @@ def _check_opcheck_bwd(device: str, name: str, dtype: torch.dtype) -> None:
     out, lse = ops.attn_fwd(q, k, v, **kw)
     g = _gen(2)
     dout = randn(out.shape, dtype, g, device)
-    assert lse.dtype == _acc(dtype)
+    assert lse.dtype == F64  # every dtype (csrc/common/attn_params.h)
     dlse = randn(lse.shape, lse.dtype, g, device)
     bkw = {key: val for key, val in kw.items() if key != "out_fp32"}
     for grad_fp32 in (False, True):
@@ -153,9 +153,10 @@ def _check_semantics(device: str, name: str, dtype: torch.dtype) -> None:
 
     ref_out, ref_lse, refs = run(F64)
     t_out, t_lse, theirs = run(dtype)
-    assert out.dtype == dtype and lse.dtype == _acc(dtype)
+    assert out.dtype == dtype and lse.dtype == F64
     assert_close_to_ref(out.cpu(), t_out, ref_out, what="out")
-    # float64: lse is float64 (helpers' 1e-12 floor); else float32 (a float32 floor).
+    # lse is float64 for every dtype: float64 inputs get the 1e-12 floor, the others a
+    # float32 floor (their scores are float32).
     assert_close_to_ref(lse.cpu(), t_lse.to(lse.dtype), ref_lse, what="lse",
                         atol_floor=None if dtype == F64 else 1e-6)
     for nm, a, b, r in zip(("dq", "dk", "dv"), (dq, dk, dv), theirs, refs):

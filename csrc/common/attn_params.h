@@ -11,9 +11,16 @@
 //    dims have stride 0): bool -> false masks the element out; float (stored in the
 //    accumulation type) -> added to the scaled score.
 //  * The accumulation type is float for float32 / bfloat16 / float16 inputs and double
-//    for float64 inputs. lse, delta and a float mask are stored in it, so float64 inputs
-//    are float64-accurate end to end (P = exp(S - lse) in the backward and the ring's
-//    merge weights exp(lse_a - lse_b) carry no float32 rounding).
+//    for float64 inputs. delta and a float mask are stored in it, so float64 inputs are
+//    float64-accurate end to end.
+//  * lse is float64 for every input dtype, m + log(l) formed in double. In float32 a row
+//    whose scores all sit near a huge finite value (a whole row masked by finfo.min or
+//    -1e9, Hugging Face padding) would round lse = m + log(n) to m, and the backward's
+//    P = exp(S - lse) would be 1 instead of 1/n: gradients n times too large. The
+//    backward splits lse per row into hi = float(lse), lo = float(lse - hi) and forms
+//    P = exp((S - hi) - lo): S - hi is exact when S is close to hi (Sterbenz), so the
+//    float32 path keeps float32 element arithmetic and still sees log(n). The ring's
+//    merge of lse is float64 too.
 //  * Non-finite values follow torch's math backend (sdpa_kernel([SDPBackend.MATH])):
 //    masking is additive (a false / causal-excluded element adds -inf, so a NaN or +inf
 //    score there stays NaN), the softmax of a row containing NaN or +inf is NaN, and
@@ -83,7 +90,7 @@ struct AttnFwdParams {
   const void* q; const void* k; const void* v;
   int64_t q_stride[4], k_stride[4], v_stride[4];  // b, h, s, d element strides (d == 1)
   void* out;                                      // [B, Hq, Sq, Dv] contiguous
-  void* lse;                                      // [B, Hq, Sq] contiguous, acc type
+  void* lse;                                      // [B, Hq, Sq] contiguous, double
   double scale;
   double softcap;       // 0: off; else scores become softcap * tanh(score / softcap)
   AttnMaskParams mask;
@@ -94,8 +101,8 @@ struct AttnBwdParams {
   AttnShape shape;
   const void* q; const void* k; const void* v; const void* dout;
   int64_t q_stride[4], k_stride[4], v_stride[4], dout_stride[4];
-  const void* lse;      // [B, Hq, Sq] contiguous, the global lse, in the accumulation
-                        // type (float32; float64 for float64 inputs)
+  const void* lse;      // [B, Hq, Sq] contiguous, the global lse, double for every
+                        // input dtype
   const void* delta;    // [B, Hq, Sq] contiguous: rowsum(dout * out) - dlse, in the
                         // accumulation type (float32; float64 for float64 inputs)
   void* dq; void* dk; void* dv;                   // contiguous, shaped like q, k, v

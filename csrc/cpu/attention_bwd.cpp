@@ -5,11 +5,14 @@
 // A work item is (batch, KV head, key chunk): it owns dK and dV of its chunk's keys and
 // loops over every query head of the KV group (GQA: dK/dV summed over the group in the
 // item's float32 accumulators) and every query block. Per (query block, key block) tile:
-//   S  = scale * Q K^T (+ mask), P = exp(S - lse)      (P = 0 where lse = -inf; lse and
-//                                                       mask in the accumulation type)
+//   S  = scale * Q K^T, softcapped: S = cap * tanh(S / cap), T = 1 - tanh^2 (softcap > 0)
+//   P = exp(S + mask - lse)                            (P = 0 where lse = -inf; the mask
+//                                                       in the accumulation type, lse in
+//                                                       float64, split hi + lo)
 //   dP = dO V^T, then both P and dP are multiplied by keep / (1 - p) under dropout
 //   dV += P_dropped^T dO
 //   dS = P * (dP - delta)                              (delta = rowsum(dO * O) - dlse)
+//   dS *= T                                            (softcap: the raw score's gradient)
 //   dK += scale * dS^T Q,  dQ_block += scale * dS K
 // dQ of a query block is summed over the item's key blocks in a local buffer. With one
 // chunk per (batch, KV head) it is complete and written directly; when there are too few
@@ -110,8 +113,9 @@ void bwd_impl(const AttnBwdParams& p) {
   const scalar_t* dout = static_cast<const scalar_t*>(p.dout);
   const acc* delta = static_cast<const acc*>(p.delta);
   const acc scale = static_cast<acc>(p.scale);
+  const acc softcap = static_cast<acc>(p.softcap);  // 0: off
   const bool has_dropout = p.dropout.p > 0.0;
-  const acc* lse = static_cast<const acc*>(p.lse);  // accumulation type (attn_params.h)
+  const double* lse = static_cast<const double*>(p.lse);  // every dtype (attn_params.h)
   const bool direct_q = direct_rows<scalar_t, acc>(p.q_stride[2], D);
   const bool direct_do = direct_rows<scalar_t, acc>(p.dout_stride[2], Dv);
   const bool may_skip = skip_allowed(p.mask);
@@ -126,6 +130,7 @@ void bwd_impl(const AttnBwdParams& p) {
                              + CK * D + CK * Dv    // dK, dV accumulators
                              + QB * D + QB * Dv    // Q, dO blocks
                              + 3 * QB * KB         // P, dP / dS, dropped-P tiles
+                             + (softcap > 0 ? QB * KB : 0)  // softcap's 1 - tanh^2 tile
                              + QB * D              // dQ block
                              + (kDot ? QB * (D + Dv) : 0);  // Q, dO as bf16 pairs
   std::vector<acc> scratch(static_cast<size_t>(per_thread * nthreads));
@@ -142,13 +147,13 @@ void bwd_impl(const AttnBwdParams& p) {
     acc* dP = P + QB * KB;
     acc* Pdrop = dP + QB * KB;
     acc* dQb = Pdrop + QB * KB;
+    acc* Tcap = dQb + QB * D;  // softcap > 0 only
     // kDot: K^T / V^T blocks as pairs in place of the float32 ones (half the words),
     // and the Q / dO blocks as pairs.
     uint32_t* Kt2c = reinterpret_cast<uint32_t*>(Ktc);
     uint32_t* Vt2c = reinterpret_cast<uint32_t*>(Vtc);
-    uint32_t* Q2 = reinterpret_cast<uint32_t*>(dQb + QB * D);
+    uint32_t* Q2 = reinterpret_cast<uint32_t*>(Tcap + (softcap > 0 ? QB * KB : 0));
     uint32_t* dO2 = Q2 + QB * D2;
-    constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item % nchunks;
@@ -178,7 +183,7 @@ void bwd_impl(const AttnBwdParams& p) {
         const int64_t h = hk * group + g;
         const scalar_t* qh = q + b * p.q_stride[0] + h * p.q_stride[1];
         const scalar_t* doh = dout + b * p.dout_stride[0] + h * p.dout_stride[1];
-        const acc* lse_h = lse + (b * Hq + h) * Sq;
+        const double* lse_h = lse + (b * Hq + h) * Sq;
         const acc* delta_h = delta + (b * Hq + h) * Sq;
         for (int64_t qb = 0; qb < nqb; ++qb) {
           const int64_t i0 = qb * QB, m = std::min(QB, Sq - i0);
@@ -221,14 +226,18 @@ void bwd_impl(const AttnBwdParams& p) {
             } else {
               gemm_bcast(m, n, D, scale, Q, ldq, 1, Kt, KB, acc(0), P, n, /*split_k=*/n < 16);
             }
+            if (softcap > 0) softcap_tile<acc>(P, Tcap, n, m, n, softcap);
             mask_tile(P, n, m, n, p.mask, b, h, i0, j0, qpos, kpos, kind == TileKind::kPartial);
             for (int64_t r = 0; r < m; ++r) {
               acc* row = P + r * n;
-              const acc l = lse_h[i0 + r];
-              if (l == kNegInf) {
+              const double l = lse_h[i0 + r];
+              if (l == -std::numeric_limits<double>::infinity()) {
                 std::fill(row, row + n, acc(0));
               } else {
-                exp_row_sum(row, n, l);
+                // P = exp((S - hi) - lo), lse = hi + lo (attn_params.h): exact for
+                // float64 (lo = 0); for float32 the log(n) that hi alone rounds away.
+                const acc hi = static_cast<acc>(l);
+                exp_row_sum(row, n, hi, static_cast<acc>(l - double(hi)));
               }
             }
             // dP = dO V^T
@@ -247,6 +256,9 @@ void bwd_impl(const AttnBwdParams& p) {
             gemm_bcast(n, Dv, m, acc(1), Pd, 1, n, dO, lddo, acc(1), dVc + (j0 - c0) * Dv, Dv);
             // dS = P * (dP - delta), in place of dP
             for (int64_t r = 0; r < m; ++r) ds_row(P + r * n, dP + r * n, n, delta_h[i0 + r]);
+            if (softcap > 0) {
+              for (int64_t e = 0; e < m * n; ++e) dP[e] *= Tcap[e];  // d(cap tanh(s/cap))/ds
+            }
             // dK += scale * dS^T Q, dQ += scale * dS K
             gemm_bcast(n, D, m, scale, dP, 1, n, Q, ldq, acc(1), dKc + (j0 - c0) * D, D);
             gemm_bcast(m, D, n, scale, dP, n, 1, K, D, acc(1), dQb, D);

@@ -2,7 +2,8 @@
 // key blocks), in the manner of ATen's CPU flash kernel.
 //
 // One work item per (batch, query head, query block), spread by at::parallel_for. For
-// each key block the item computes S = scale * Q K^T, adds the mask / causal rule to S,
+// each key block the item computes S = scale * Q K^T, soft-caps it (S = cap *
+// tanh(S / cap) when softcap > 0), adds the mask / band / documents to S,
 // folds the block into running row maxima m and sums l (O is rescaled by
 // exp(m_old - m_new)), drops elements of P for dropout, and accumulates O += P V.
 // At the end out = O / l and lse = m + log l; a row that saw no key keeps l = 0 and gets
@@ -16,8 +17,9 @@
 // only on a true -inf max; P V runs over every tile that is not skipped, so 0 * NaN in V
 // poisons its column as in math; and no tile is skipped when any input is non-finite.
 //
-// Accumulation is float32 (float64 for float64 inputs), and so are lse and a float mask
-// (attn_params.h): float64 stays float64-accurate end to end. K^T (and V, when it is not
+// Accumulation is float32 (float64 for float64 inputs), and so is a float mask; lse is
+// written in float64 for every dtype (attn_params.h): float64 stays float64-accurate end
+// to end, and a row saturated by a huge finite mask keeps its log(n). K^T (and V, when it is not
 // float32 rows already) is packed once per call in the accumulation type, so both products
 // run in gemm_bcast (gemm.h): our AVX-512 or AVX2 micro-kernel (float), the BLAS (double).
 // bfloat16 on CPUs with AVX512-BF16 packs K^T and V as bf16 pairs instead and runs both
@@ -80,8 +82,9 @@ void fwd_impl(const AttnFwdParams& p) {
   const scalar_t* k = static_cast<const scalar_t*>(p.k);
   const scalar_t* v = static_cast<const scalar_t*>(p.v);
   out_t* out = static_cast<out_t*>(p.out);
-  acc* lse = static_cast<acc*>(p.lse);  // lse in the accumulation type (attn_params.h)
+  double* lse = static_cast<double*>(p.lse);  // float64 for every dtype (attn_params.h)
   const acc scale = static_cast<acc>(p.scale);
+  const acc softcap = static_cast<acc>(p.softcap);  // 0: off
   const bool has_dropout = p.dropout.p > 0.0;
   const bool direct_q = direct_rows<scalar_t, acc>(p.q_stride[2], D);
   const bool direct_v = direct_rows<scalar_t, acc>(p.v_stride[2], Dv);
@@ -194,6 +197,7 @@ void fwd_impl(const AttnFwdParams& p) {
           gemm_bcast(m, n, D, scale, Q, ldq, 1, kt_pack.data() + (bhk * nkb + kb) * D * KB, KB,
                      acc(0), S, n, /*split_k=*/n < 16);
         }
+        if (softcap > 0) softcap_tile<acc>(S, nullptr, n, m, n, softcap);
         mask_tile(S, n, m, n, p.mask, b, h, i0, j0, qpos, kpos, kind == TileKind::kPartial);
 
         for (int64_t r = 0; r < m; ++r) {
@@ -223,14 +227,16 @@ void fwd_impl(const AttnFwdParams& p) {
       }
 
       out_t* oh = out + ((b * Hq + h) * Sq + i0) * Dv;
-      acc* lh = lse + (b * Hq + h) * Sq + i0;
+      double* lh = lse + (b * Hq + h) * Sq + i0;
       for (int64_t r = 0; r < m; ++r) {
         // l == 0: no key survived, out = O * 0 (NaN where 0 * NaN in V made O NaN, as in
         // math) and lse = -inf. A NaN l (a NaN or +inf score) makes out and lse NaN.
         const acc l = lrow[r];
         const acc inv = l == acc(0) ? acc(0) : acc(1) / l;
         for (int64_t c = 0; c < Dv; ++c) oh[r * Dv + c] = static_cast<out_t>(O[r * Dv + c] * inv);
-        lh[r] = l == acc(0) ? kNegInf : mrow[r] + std::log(l);
+        // In double: in float32, m + log(l) loses log(l) when |m| >> 1e7 (attn_params.h).
+        lh[r] = l == acc(0) ? -std::numeric_limits<double>::infinity()
+                            : double(mrow[r]) + std::log(double(l));
       }
     }
   });

@@ -9,9 +9,9 @@ namespace ring_attn::cpu {
 
 // NaN if any x[c] is NaN.
 float row_max_avx512(const float* x, int64_t n);
-// x[c] = exp(x[c] - shift) (exactly 0 where x[c] - shift < -87, NaN where it is NaN);
-// returns the row sum.
-float exp_row_sum_avx512(float* x, int64_t n, float shift);
+// x[c] = exp((x[c] - shift) - lo) (exactly 0 where the argument is < -87, NaN where it
+// is NaN); returns the row sum. lo: see exp_row_sum in tile.h.
+float exp_row_sum_avx512(float* x, int64_t n, float shift, float lo);
 void scale_row_avx512(float* x, int64_t n, float a);
 // dP[c] = P[c] * (dP[c] - delta)
 void ds_row_avx512(const float* P, float* dP, int64_t n, float delta);

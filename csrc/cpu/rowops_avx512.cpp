@@ -63,13 +63,13 @@ float row_max_avx512(const float* x, int64_t n) {
   return nan ? __builtin_nanf("") : _mm512_reduce_max_ps(m);
 }
 
-float exp_row_sum_avx512(float* x, int64_t n, float shift) {
-  const __m512 s = _mm512_set1_ps(shift);
+float exp_row_sum_avx512(float* x, int64_t n, float shift, float lo) {
+  const __m512 s = _mm512_set1_ps(shift), l = _mm512_set1_ps(lo);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) {  // two independent chains hide the polynomial latency
-    const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + c), s));
-    const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + c + 16), s));
+    const __m512 e0 = exp16(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c), s), l));
+    const __m512 e1 = exp16(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c + 16), s), l));
     _mm512_storeu_ps(x + c, e0);
     _mm512_storeu_ps(x + c + 16, e1);
     acc0 = _mm512_add_ps(acc0, e0);
@@ -77,7 +77,7 @@ float exp_row_sum_avx512(float* x, int64_t n, float shift) {
   }
   for (; c < n; c += 16) {
     const __mmask16 k = tail_mask(n - c);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + c), s));
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + c), s), l));
     _mm512_mask_storeu_ps(x + c, k, e);
     acc0 = _mm512_add_ps(acc0, _mm512_maskz_mov_ps(k, e));
   }

@@ -113,6 +113,34 @@ void mask_tile(T* S, int64_t ldS, int64_t m, int64_t n, const AttnMaskParams& mp
   }
 }
 
+// Soft-capping of a scaled score tile S[m x n] (row stride ld), before the mask
+// (attn_params.h): S = cap * tanh(S / cap). When dT is given (the backward), also
+// dT = 1 - tanh^2 (same layout), the factor dS is multiplied by to reach the raw score.
+// tanh keeps NaN and maps +-inf to +-1, as the same formula in torch does. Sleef's tanh
+// (at::vec, 1 ulp) in the vector body, std::tanh in the tail.
+template <typename T>
+void softcap_tile(T* S, T* dT, int64_t ld, int64_t m, int64_t n, T cap) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T inv = T(1) / cap;
+  const Vec vcap(cap), vinv(inv), one(T(1));
+  for (int64_t r = 0; r < m; ++r) {
+    T* row = S + r * ld;
+    T* drow = dT ? dT + r * ld : nullptr;
+    int64_t c = 0;
+    for (; c + W <= n; c += W) {
+      const Vec t = (Vec::loadu(row + c) * vinv).tanh();
+      (t * vcap).store(row + c);
+      if (drow) (one - t * t).store(drow + c);
+    }
+    for (; c < n; ++c) {
+      const T t = std::tanh(row[c] * inv);
+      row[c] = cap * t;
+      if (drow) drow[c] = T(1) - t * t;
+    }
+  }
+}
+
 // Dropout of a probability tile P[m x n] (row stride ld for every tile here): with
 // z = keep(r, c) / (1 - p), writes P * z into Pd (or into P itself when Pd is null) and,
 // when dP is given, multiplies dP by z. Keys whose positions share kpos >> 2 share one
@@ -171,33 +199,36 @@ inline T row_max(const T* x, int64_t n) {
   return mx;
 }
 
-// x[c] = exp(x[c] - shift); returns the row sum. A NaN x[c] - shift (a NaN score, or a
-// NaN / +inf shift) gives NaN, so the sum and the row become NaN.
+// x[c] = exp((x[c] - shift) - lo); returns the row sum. lo (0 in the forward) carries the
+// part of a float64 lse that float(lse) rounds away (attn_params.h): x - shift is exact
+// when x is close to shift, so the backward's P keeps log(n) even where |lse| ~ 1e9..1e38.
+// A NaN x[c] - shift (a NaN score, or a NaN / +inf shift) gives NaN, so the sum and the
+// row become NaN.
 template <typename T>
-inline T exp_row_sum(T* x, int64_t n, T shift) {
+inline T exp_row_sum(T* x, int64_t n, T shift, T lo = T(0)) {
   if constexpr (std::is_same_v<T, float>) {
-    if (use_avx512()) return exp_row_sum_avx512(x, n, shift);
+    if (use_avx512()) return exp_row_sum_avx512(x, n, shift, lo);
   }
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  const Vec vs(shift);
+  const Vec vs(shift), vlo(lo);
   Vec acc(T(0));
   int64_t c = 0;
   for (; c + W <= n; c += W) {
     Vec e;
     if constexpr (std::is_same_v<T, float>) {
       // exp_u20 clamps its input first, which turns NaN into exp(88.7); put the NaN back.
-      const Vec d = Vec::loadu(x + c) - vs;
+      const Vec d = (Vec::loadu(x + c) - vs) - vlo;
       e = Vec::blendv(d.exp_u20(), d, d.isnan());
     } else {
-      e = (Vec::loadu(x + c) - vs).exp();
+      e = ((Vec::loadu(x + c) - vs) - vlo).exp();
     }
     e.store(x + c);
     acc = acc + e;
   }
   T sum = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, acc);
   for (; c < n; ++c) {
-    x[c] = std::exp(x[c] - shift);
+    x[c] = std::exp((x[c] - shift) - lo);
     sum += x[c];
   }
   return sum;
