@@ -83,7 +83,8 @@ struct BwdTraits {
   static constexpr int kWarpsD3 = kNWarps / kWarpsM3;
   static constexpr int kD3 = kHeadDim / kWarpsD3;
   // Element counts: sQ, sdO [kBlockM][kStride]; sK, sV [kBlockN][kStride];
-  // sP, sdS [kBlockM][kPStride]; then float sLse, sDelta [kBlockM].
+  // sP, sdS [kBlockM][kPStride]; then float sLseHi, sLseLo [kBlockM] (the float64 lse
+  // split in two floats, split_lse in utils.cuh).
   static constexpr int kSmemElems = (2 * kBlockM + 2 * kBlockN) * kStride + 2 * kBlockM * kPStride;
   static constexpr int kSmemBytes = kSmemElems * 2 + 2 * kBlockM * 4;
   static_assert(kWarpsM1 * kWarpsN1 == kNWarps && kN1 % 16 == 0, "phase-1 warp layout");

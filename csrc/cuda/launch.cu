@@ -8,9 +8,10 @@
 //                       tile picked from the GPU's smem per block (tile_config.h)
 //   float32 / float64   SIMT kernels in the input precision (simt_kernel.cuh): float64 is
 //                       supported on CUDA, correct but slow (no tensor-core fp64 path)
-// Head dims above 256 are rejected with a clear error on every dtype. lse, delta and a
-// float mask come from attn_host.cpp in the accumulation dtype: float32 for every kernel
-// here except the float64 SIMT one, which reads and writes them as double.
+// Head dims above 256 are rejected with a clear error on every dtype. delta and a float
+// mask come from attn_host.cpp in the accumulation dtype: float32 for every kernel here
+// except the float64 SIMT one, which reads them as double; lse is float64 for every dtype
+// (attn_params.h), written and read as double by every kernel.
 //
 // RING_ATTN_HEAD_DIMS (setup.py) may limit the compiled head dims; setup.py then defines
 // RING_ATTN_HEAD_DIMS_LIMITED and RING_ATTN_HAS_HD<N> for each compiled N, and only those
