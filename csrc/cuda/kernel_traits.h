@@ -52,7 +52,7 @@ struct FwdTraits {
 // 47,104 of an SM's 65,536, so a second CTA never fits, even where smem would allow it
 // (hd64: 54 KB).
 // The compute_90 PTX assembles for sm_100 and sm_120 with 176-252 registers, 0 spilled
-// (the backward: 154-246).
+// (the backward: 162-247).
 template <int kHeadDim, int kVariant>
 struct FwdConfig {
   static constexpr TileConfig kTile = fwd_tiles(kHeadDim).c[kVariant];
@@ -106,9 +106,9 @@ struct BwdTraits {
 // with 8 warps (85.5 KB), hd256 32 x 32 with 4 warps (71.3 KB; an 8-warp layout needs at
 // least 64 x 32, 109.5 KB). A 128-key CTA (FA2's choice) and double-buffered Q/dO are the
 // next steps to try on a GPU.
-// ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled), sm_80 / sm_90: 159 / 180
-// registers at hd64, 187 / 211 at hd96, 224 / 243 at hd128, 225 / 225 at hd192, 252 / 245
-// at hd256; 99 KB tiles 168 / 162 (hd192) and 238 / 240 (hd256, 4 warps). So one 8-warp
+// ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled), sm_80 / sm_90: 156 / 176
+// registers at hd64, 187 / 211 at hd96, 224 / 243 at hd128, 225 / 225 at hd192, 252 / 247
+// at hd256; 99 KB tiles 166 / 164 (hd192) and 244 / 240 (hd256, 4 warps). So one 8-warp
 // CTA per SM everywhere (register-limited), and one 4-warp CTA for hd256 under 99 KB
 // (smem-limited: 2 x 72,960 B > 100 KB per SM). __launch_bounds__(kNThreads, 1): without
 // the minimum of 1 CTA per SM, ptxas capped the hd192 64 x 32 tile at 128 registers

@@ -245,11 +245,18 @@ __device__ __forceinline__ TileKind tile_status(const AttnMaskParams& m, bool sk
 }
 
 // Gemma 2's soft cap (attn_params.h) on a scaled score, before the mask: returns
-// t = tanh(x / cap) and sets x = cap * t; the backward's dS factor is 1 - t^2. tanhf
-// (not tanh.approx, whose 2^-11 relative error would exceed float32's): a NaN stays NaN,
-// +-inf becomes +-cap as in math's cap * tanh(s / cap).
+// t = tanh(x / cap) and sets x = cap * t; the backward's dS factor is 1 - t^2.
+// Not tanhf: under --use_fast_math (setup.py) nvcc compiles tanhf to tanh.approx.f32
+// (PTX ISA: about 2^-11 relative error; the PTX of fwd_bf16_hd128.cu showed it), so at
+// Gemma 2's cap of 50 a logit would be off by up to 0.025, its probability by 2.5%.
+// tanh(y) = 1 - 2 / (exp(2y) + 1) with ex2.approx (2^-22 relative) and the approximate
+// division (2 ulp) is within ~4e-7 of tanh(y) absolutely, i.e. 2e-5 in a logit at cap 50,
+// for one more MUFU op per element. exp2 overflowing to +inf gives t = 1 and underflowing
+// to 0 gives t = -1 (so +-inf scores become +-cap, as math's cap * tanh(s / cap)); a NaN
+// stays NaN.
 __device__ __forceinline__ float apply_softcap(float& x, float cap, float inv_cap) {
-  const float t = tanhf(x * inv_cap);
+  const float e = exp2f(x * inv_cap * (2.f * kLog2e));
+  const float t = 1.f - 2.f / (e + 1.f);
   x = cap * t;
   return t;
 }
