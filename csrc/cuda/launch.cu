@@ -164,6 +164,15 @@ int pick_tile(int hd, bool backward) {
               prop->major, ".", prop->minor, ") allows ", limit);
 }
 
+// Every kernel here writes and reads lse as double (attn_params.h); a float32 buffer
+// (attn_host.cpp before lse became float64) would be overrun by the forward's 8-byte
+// stores, so the host's allocation is checked, not assumed.
+void check_lse_double(const at::Tensor& lse) {
+  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.is_contiguous(),
+              "ring_attn: internal error, the CUDA kernels need a contiguous float64 lse "
+              "from attn_host.cpp, got ", lse.scalar_type());
+}
+
 void check_cuda_shape(const AttnShape& s, const at::Tensor& q) {
   TORCH_CHECK(s.D <= kMaxHeadDim && s.Dv <= kMaxHeadDim,
               "ring_attn: CUDA kernels support head dims up to ", kMaxHeadDim, ", got D = ", s.D,
@@ -246,6 +255,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(
   PreparedFwd prep = prepare_fwd(args, out_fp32, c10::DeviceType::CUDA);
   const AttnFwdParams& p = prep.params;
   check_cuda_shape(p.shape, prep.q);
+  check_lse_double(prep.lse);
   if (p.shape.B == 0 || p.shape.Hq == 0 || p.shape.Sq == 0) return {prep.out, prep.lse};
   const bool of32 = prep.out.scalar_type() == at::kFloat;
   const cudaStream_t st = at::cuda::getCurrentCUDAStream();
@@ -281,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
   const AttnBwdParams& p = prep.params;
   const AttnShape& s = p.shape;
   check_cuda_shape(s, prep.q);
+  check_lse_double(prep.lse);
   if (s.B * s.Hq * s.Sq == 0 || s.B * s.Hk * s.Sk == 0) {
     // No query or no key: every gradient is an (empty or) zero sum.
     prep.dq.zero_();
