@@ -6,8 +6,8 @@
 //   2. Per tile, each warp (16 query rows) computes S = Q K^T with mma.sync.m16n8k16
 //      (operands via ldmatrix), scales it, soft-caps it (softcap > 0), applies the mask
 //      (band and documents on global positions, bool / additive mask, sequence ends)
-//      where the tile needs it, and updates the
-//      online softmax in fp32 registers: m = max(m, rowmax S), P = exp2((S - m) log2 e),
+//      where the tile needs it, and updates the online softmax in fp32 registers:
+//      m = max(m, rowmax S), P = exp2((S - m) log2 e),
 //      l and O rescaled by exp2((m_old - m) log2 e) (natural units until the exp2: see
 //      mask_term in utils.cuh). P is re-packed in registers as the A operand of
 //      O += P V (the m16n8 accumulator layout equals the m16k16 operand layout).
@@ -18,8 +18,8 @@
 // position maps skip exactly like contiguous ones, unless an input may be non-finite
 // (visibility_skip_ok): math's NaN + (-inf) and 0 * NaN then reach every row. Tiles it
 // reports fully visible need no element test. The row max propagates NaN (max_nan) and
-// only a true -inf max takes
-// the no-key branch, so NaN/inf follow torch's math backend (attn_params.h).
+// only a true -inf max takes the no-key branch, so NaN/inf follow torch's math backend
+// (attn_params.h).
 // Dropout: kept probabilities feed O, every probability feeds l (lse is un-dropped), and
 // O is scaled by 1/(1-p) at the end; the keep decision is dropout_rng.h's, per element.
 // Head dims below the instantiated kHeadDim are zero-padded in smem and never written.
