@@ -2,14 +2,17 @@
 //
 // One CTA owns kBlockN keys of one (batch, KV head): it keeps K and V in smem and dK, dV
 // in fp32 registers, and loops over every query head of the KV group (GQA: dK/dV are
-// summed over the group here, no separate reduction) and every query block not entirely
-// masked by causality. Per query block of kBlockM rows (Q, dO tiles via cp.async, lse and
-// delta = rowsum(dO * O) - dlse into smem):
+// summed over the group here, no separate reduction) and every query block that the band
+// and documents do not hide entirely (classify_tile, skipped as in the forward). Per query
+// block of kBlockM rows (Q, dO tiles via cp.async, the float64 lse split into two floats
+// into smem, split_lse in utils.cuh):
 //   phase 1  S = Q K^T, dP = dO V^T (mma.sync), then per element, recomputing P from the
-//            saved lse (P = 0 where lse = -inf, i.e. rows with no key):
-//              P   = exp(scale S + mask - lse)             (mask, causal as forward)
+//            saved lse (P = 0 where lse = -inf, i.e. rows with no key), with
+//            delta = rowsum(dO * O) - dlse and s = scale S, soft-capped (s = c tanh(s / c))
+//            when softcap > 0:
+//              P   = exp((s + mask - lse_hi) - lse_lo)     (mask, band, documents as forward)
 //              Pd  = P * keep / (1-p)                      (the dropped P forward used)
-//              dS  = P * (dP * keep / (1-p) - delta)
+//              dS  = P * (dP * keep / (1-p) - delta)       (times 1 - tanh^2 with softcap)
 //            Pd and dS go to smem as [query][key] in the input dtype.
 //   phase 2  dV += Pd^T dO and dK += dS^T Q (ldmatrix.trans reads the transposes).
 //   phase 3  dQ_partial = scale * dS K for this key block, added with fp32 atomicAdd into
@@ -47,8 +50,11 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   Elem* sV = sK + kBlockN * kS;                  // [kBlockN][kS]
   Elem* sP = sV + kBlockN * kS;                  // [kBlockM][kPS]
   Elem* sdS = sP + kBlockM * kPS;                // [kBlockM][kPS]
-  float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kPS);  // [kBlockM]
-  float* sDelta = sLse + kBlockM;                                // [kBlockM]
+  // The rows' float64 lse as two floats, hi + lo (split_lse), computed once per row here
+  // rather than per thread; delta is read from global memory by the threads that use it,
+  // so the smem layout (tile_config.h's bwd_smem_bytes) keeps its two floats per row.
+  float* sLseHi = reinterpret_cast<float*>(sdS + kBlockM * kPS);  // [kBlockM]
+  float* sLseLo = sLseHi + kBlockM;                                // [kBlockM]
 
   const auto& sh = p.shape;
   const AttnMaskParams& mk = p.mask;
@@ -60,7 +66,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   const int n0 = n_block * kBlockN;
   const int cols_valid = min(kBlockN, Sk - n0);
   const bool has_mask = mk.kind != MaskKind::kNone;
-  const bool skip_ok = causal_skip_ok(mk);
+  const bool has_rule = has_visibility_rule(mk);
+  const bool has_doc = has_docs(mk);
+  const bool skip_ok = visibility_skip_ok(mk);
+  const bool softcap = p.softcap > 0.0;
   const bool dropout = p.dropout.p > 0.f;
   const bool pair_rng = dropout_pair_ok(mk);
   const float keep_scale = dropout ? 1.f / (1.f - static_cast<float>(p.dropout.p)) : 1.f;
@@ -78,8 +87,23 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   load_tile<kBlockN, kHD, kNThreads>(sK, kS, gk, p.k_stride[2], cols_valid, D);
   load_tile<kBlockN, kHD, kNThreads>(sV, kS, gv, p.v_stride[2], cols_valid, Dv);
   cp_async_commit();
-  int64_t k_min, k_max;
-  position_range(mk.k_pos, mk.k_offset, n0, cols_valid, lane, k_min, k_max);
+  // The key block's spans, for classifying every query block: kept in sK's row padding
+  // (the kSmemPad columns past kHD, never written by load_tile nor read by ldmatrix), one
+  // copy per warp in its rows 2 warp and 2 warp + 1 (kBlockN >= 2 kNWarps), so no CTA
+  // barrier orders the write and the reads and no registers hold them across the loops
+  // (the forward's q_span_pad says what holding them cost).
+  static_assert(kBlockN >= 2 * Tr::kNWarps, "two sK rows of padding per warp");
+  static_assert(kSmemPad * sizeof(Elem) >= sizeof(Span), "a Span fits one row's padding");
+  Span* k_span_pad = reinterpret_cast<Span*>(sK + 2 * warp * kS + kHD);
+  Span* k_doc_pad = reinterpret_cast<Span*>(sK + (2 * warp + 1) * kS + kHD);
+  if (has_rule) {
+    const BlockSpans ks = block_spans(mk.k_pos, mk.k_offset, mk.k_doc, n0, cols_valid, lane);
+    if (lane == 0) {
+      *k_span_pad = ks.pos;
+      *k_doc_pad = ks.doc;
+    }
+    __syncwarp();
+  }
 
   float dk[kT2][4], dv[kT2][4];
 #pragma unroll
@@ -87,8 +111,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
 
-  const float* lse_all = static_cast<const float*>(p.lse);  // bf16/fp16: acc type float
-  const float* delta_all = static_cast<const float*>(p.delta);
+  const double* lse_all = static_cast<const double*>(p.lse);  // float64 for every dtype
+  const float* delta_all = static_cast<const float*>(p.delta);  // bf16/fp16: acc type float
   const int m_blocks = ceil_div(Sq, kBlockM);
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
@@ -101,13 +125,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
     for (int m_block = 0; m_block < m_blocks; ++m_block) {
       const int m0 = m_block * kBlockM;
       const int rows_valid = min(kBlockM, Sq - m0);
-      int64_t q_min, q_max;
-      position_range(mk.q_pos, mk.q_offset, m0, rows_valid, lane, q_min, q_max);
-      // Every (query, key) pair is masked: skip, unless an input may be non-finite
-      // (causal_skip_ok; math's NaN + (-inf) and 0 * NaN reach dQ, dK, dV).
-      if (skip_ok && q_max < k_min) continue;
-      const bool need_mask =
-          has_mask || cols_valid < kBlockN || (mk.causal && k_max > q_min);
+      // Every (query, key) pair hidden by the band or documents: skip, unless an input may
+      // be non-finite (visibility_skip_ok; math's NaN + (-inf) and 0 * NaN reach dQ, dK,
+      // dV). Warp-uniform, identical in every warp.
+      const TileKind kind =
+          has_rule ? tile_status(mk, skip_ok,
+                                 block_spans(mk.q_pos, mk.q_offset, mk.q_doc, m0, rows_valid, lane),
+                                 BlockSpans{*k_span_pad, *k_doc_pad})
+                   : TileKind::kFull;
+      if (kind == TileKind::kSkip) continue;
+      const bool vis_test = kind == TileKind::kPartial;
+      const bool read_doc = vis_test && has_doc;
+      const bool need_mask = has_mask || cols_valid < kBlockN || vis_test;
 
       load_tile<kBlockM, kHD, kNThreads>(sQ, kS, gq_h + static_cast<int64_t>(m0) * p.q_stride[2],
                                          p.q_stride[2], rows_valid, D);
@@ -119,8 +148,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         const int i = m0 + r;
         // Natural units (mask_term in utils.cuh): lse * log2(e) overflows for lse below
         // -2.36e38, e.g. a row padded with finfo(float32).min.
-        sLse[r] = i < Sq ? lse_all[row_base + i] : -INFINITY;
-        sDelta[r] = i < Sq ? delta_all[row_base + i] : 0.f;
+        const SplitLse sl = split_lse(i < Sq ? lse_all[row_base + i] : -static_cast<double>(INFINITY));
+        sLseHi[r] = sl.hi;
+        sLseLo[r] = sl.lo;
       }
       cp_async_wait<0>();
       __syncthreads();
@@ -152,6 +182,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
             Ops::mma(dp[2 * nt2 + 1], a, bb[2], bb[3]);
           }
         }
+        const float cap = static_cast<float>(p.softcap);
+        const float inv_cap = softcap ? __frcp_rn(cap) : 0.f;
         // Dropout bits of a lane pair's keys for both rows, one Philox call per lane
         // (dropout_keep_pair; warp-uniform: every lane runs this loop).
         uint32_t pair_bits[kT1];
@@ -172,15 +204,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
         for (int t = 0; t < 2; ++t) {
           const int i_loc = wm1 * 16 + lane / 4 + 8 * t;
           const int i = m0 + i_loc;
-          const float lse = sLse[i_loc];
-          const float dlt = sDelta[i_loc];
+          const float lse_hi = sLseHi[i_loc], lse_lo = sLseLo[i_loc];
+          const float dlt = i < Sq ? delta_all[row_base + i] : 0.f;
           const int64_t qpos = i < Sq ? q_position(mk, i) : 0;
+          const int32_t qdoc = read_doc && i < Sq ? mk.q_doc[i] : 0;
 #pragma unroll
           for (int nt = 0; nt < kT1; ++nt) {
             const int j_loc = wn1 * kN1 + nt * 8 + 2 * (lane % 4);
             const int j0 = n0 + j_loc;
             const int64_t kpos0 = j0 < Sk ? k_position(mk, j0) : 0;
             const int64_t kpos1 = j0 + 1 < Sk ? k_position(mk, j0 + 1) : 0;
+            const int32_t kdoc0 = read_doc && j0 < Sk ? mk.k_doc[j0] : 0;
+            const int32_t kdoc1 = read_doc && j0 + 1 < Sk ? mk.k_doc[j0 + 1] : 0;
             bool keep[2] = {true, true};
             if (dropout && i < Sq) {
               if (pair_rng) {
@@ -195,14 +230,23 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
 #pragma unroll
             for (int jj = 0; jj < 2; ++jj) {
               float x = s[nt][2 * t + jj] * scale;
+              // d(c tanh(x / c)) / dx = 1 - tanh^2, the factor dS picks up.
+              float dcap = 1.f;
+              if (softcap) {
+                const float th = apply_softcap(x, cap, inv_cap);
+                dcap = 1.f - th * th;
+              }
               if (need_mask) {
                 if (i >= Sq || j0 + jj >= Sk) x = -INFINITY;
-                else x += mask_term(mk, mask_bh, i, j0 + jj, qpos, jj ? kpos1 : kpos0);
+                else x += mask_term(mk, mask_bh, i, j0 + jj, vis_test, qpos,
+                                    jj ? kpos1 : kpos0, qdoc, jj ? kdoc1 : kdoc0);
               }
-              const float pr = lse == -INFINITY ? 0.f : exp2f((x - lse) * kLog2e);
+              // (x - hi) - lo, not x - (hi + lo): hi + lo rounds back to hi in float.
+              const float pr =
+                  lse_hi == -INFINITY ? 0.f : exp2f(((x - lse_hi) - lse_lo) * kLog2e);
               const float dpk = keep[jj] ? dp[nt][2 * t + jj] * keep_scale : 0.f;
               pd[jj] = keep[jj] ? pr * keep_scale : 0.f;
-              ds[jj] = pr * (dpk - dlt);
+              ds[jj] = pr * (dpk - dlt) * dcap;
             }
             *reinterpret_cast<uint32_t*>(sP + i_loc * kPS + j_loc) = Ops::pack(pd[0], pd[1]);
             *reinterpret_cast<uint32_t*>(sdS + i_loc * kPS + j_loc) = Ops::pack(ds[0], ds[1]);

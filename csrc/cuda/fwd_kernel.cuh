@@ -4,18 +4,22 @@
 //   1. Q tile -> smem once (cp.async); K/V tiles of kBlockN keys stream through a
 //      two-stage smem ring, the next tile's cp.async in flight while this one computes.
 //   2. Per tile, each warp (16 query rows) computes S = Q K^T with mma.sync.m16n8k16
-//      (operands via ldmatrix), scales it, applies the mask (causal on global positions,
-//      bool / additive mask, sequence ends) where the tile needs it, and updates the
-//      online softmax in fp32 registers: m = max(m, rowmax S), P = exp2((S - m) log2 e),
+//      (operands via ldmatrix), scales it, soft-caps it (softcap > 0), applies the mask
+//      (band and documents on global positions, bool / additive mask, sequence ends)
+//      where the tile needs it, and updates the online softmax in fp32 registers:
+//      m = max(m, rowmax S), P = exp2((S - m) log2 e),
 //      l and O rescaled by exp2((m_old - m) log2 e) (natural units until the exp2: see
 //      mask_term in utils.cuh). P is re-packed in registers as the A operand of
 //      O += P V (the m16n8 accumulator layout equals the m16k16 operand layout).
-//   3. One write of O / l (0 for rows without keys) and lse = m + log l (-inf there).
-// Tiles whose keys all lie after every query of the block (causal) are skipped, from the
-// positions' min/max, so zigzag / striped position maps skip exactly like contiguous ones,
-// unless an input may be non-finite (causal_skip_ok): math's NaN + (-inf) and 0 * NaN then
-// reach every row. The row max propagates NaN (max_nan) and only a true -inf max takes
-// the no-key branch, so NaN/inf follow torch's math backend (attn_params.h).
+//   3. One write of O / l (0 for rows without keys) and lse = m + log l (-inf there),
+//      computed and stored in float64 (attn_params.h; split_lse in utils.cuh says why).
+// Tiles that the band or documents hide entirely (common/visibility.h's classify_tile on
+// the min/max of the block's positions and documents) are skipped, so zigzag / striped
+// position maps skip exactly like contiguous ones, unless an input may be non-finite
+// (visibility_skip_ok): math's NaN + (-inf) and 0 * NaN then reach every row. Tiles it
+// reports fully visible need no element test. The row max propagates NaN (max_nan) and
+// only a true -inf max takes the no-key branch, so NaN/inf follow torch's math backend
+// (attn_params.h).
 // Dropout: kept probabilities feed O, every probability feeds l (lse is un-dropped), and
 // O is scaled by 1/(1-p) at the end; the keep decision is dropout_rng.h's, per element.
 // Head dims below the instantiated kHeadDim are zero-padded in smem and never written.
@@ -61,35 +65,53 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   const Elem* gv = static_cast<const Elem*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
   const void* mask_bh = mask_slice(mk, b, h);
   const bool has_mask = mk.kind != MaskKind::kNone;
+  const bool has_doc = has_docs(mk);
   const bool dropout = p.dropout.p > 0.f;
   const bool pair_rng = dropout_pair_ok(mk);
+  const bool softcap = p.softcap > 0.0;
 
   // This thread's two accumulator rows: r and r + 8 of the warp's 16.
   const int r_loc = warp * 16 + lane / 4;
   bool row_ok[2];
-  int64_t qpos[2];
 #pragma unroll
-  for (int t = 0; t < 2; ++t) {
-    const int i = m0 + r_loc + 8 * t;
-    row_ok[t] = i < Sq;
-    qpos[t] = row_ok[t] ? q_position(mk, i) : 0;
+  for (int t = 0; t < 2; ++t) row_ok[t] = m0 + r_loc + 8 * t < Sq;
+  // The query block's position and document spans, read at every key tile's
+  // classification. They live in sQ's row padding (the kSmemPad columns past kHD, which
+  // load_tile never writes and ldmatrix never reads), not in registers: with them, the
+  // rows' positions and documents held across the loop, ptxas (CUDA 13.0) reported 253
+  // registers at hd128 (232 before the band) and spills at hd192 (sm_80, 60 bytes) and
+  // hd256 (sm_90, 16 bytes). Each warp keeps its own copy in the padding of its first two
+  // rows, so no CTA barrier orders the write and the reads.
+  const bool has_rule = has_visibility_rule(mk);
+  Span* q_span_pad = reinterpret_cast<Span*>(sQ + warp * 16 * kS + kHD);         // 16 B
+  Span* q_doc_pad = reinterpret_cast<Span*>(sQ + (warp * 16 + 1) * kS + kHD);     // 16 B
+  static_assert(kSmemPad * sizeof(Elem) >= sizeof(Span), "a Span fits one row's padding");
+  if (has_rule) {
+    const BlockSpans qs = block_spans(mk.q_pos, mk.q_offset, mk.q_doc, m0, rows_valid, lane);
+    if (lane == 0) {
+      *q_span_pad = qs.pos;
+      *q_doc_pad = qs.doc;
+    }
+    __syncwarp();
   }
-  int64_t q_min, q_max;
-  position_range(mk.q_pos, mk.q_offset, m0, rows_valid, lane, q_min, q_max);
 
   const int n_blocks = ceil_div(Sk, kBlockN);
-  const bool skip_ok = causal_skip_ok(mk);
-  // A tile is skipped when causality masks all of it: its first key comes after the
-  // block's last query. Every warp evaluates this identically (no smem, no sync).
-  auto tile_active = [&](int n) -> bool {
-    if (!skip_ok) return true;
-    int64_t k_min, k_max;
-    position_range(mk.k_pos, mk.k_offset, n * kBlockN, min(kBlockN, Sk - n * kBlockN), lane,
-                   k_min, k_max);
-    return k_min <= q_max;
+  const bool skip_ok = visibility_skip_ok(mk);
+  // The status of key tile n (tile_status); every warp evaluates it identically (its own
+  // copy of the query spans, no CTA sync), and only when a band or documents exist.
+  auto kind_of = [&](int n) -> TileKind {
+    if (!has_rule) return TileKind::kFull;
+    const int start = n * kBlockN;
+    return tile_status(mk, skip_ok, BlockSpans{*q_span_pad, *q_doc_pad},
+                       block_spans(mk.k_pos, mk.k_offset, mk.k_doc, start,
+                                   min(kBlockN, Sk - start), lane));
   };
-  auto next_active = [&](int n) -> int {
-    while (n < n_blocks && !tile_active(n)) ++n;
+  // The first tile >= n that is not skipped (n_blocks if none), and its status.
+  auto next_active = [&](int n, TileKind& kind) -> int {
+    for (; n < n_blocks; ++n) {
+      kind = kind_of(n);
+      if (kind != TileKind::kSkip) break;
+    }
     return n;
   };
   auto load_kv = [&](int n, int stage) {
@@ -105,7 +127,8 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   // Pipeline prologue: group 0 = Q, group 1 = the first active K/V tile.
   load_tile<kBlockM, kHD, kNThreads>(sQ, kS, gq, p.q_stride[2], rows_valid, D);
   cp_async_commit();
-  int n = next_active(0);
+  TileKind kind = TileKind::kFull;
+  int n = next_active(0, kind);
   if (n < n_blocks) load_kv(n, 0);
   cp_async_commit();
 
@@ -122,7 +145,8 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   while (n < n_blocks) {
     // Prefetch the next active tile into the other stage (read by the previous
     // iteration, which ended with __syncthreads), then wait for this one.
-    const int n_next = next_active(n + 1);
+    TileKind kind_next = TileKind::kFull;
+    const int n_next = next_active(n + 1, kind_next);
     if (n_next < n_blocks) load_kv(n_next, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
@@ -149,26 +173,41 @@ __global__ void __launch_bounds__(Tr::kNThreads)
       }
     }
 
-    // Scale; mask where the tile needs it; draw dropout bits.
+    // Scale; soft-cap; mask where the tile needs it; draw dropout bits.
     const int n0 = n * kBlockN;
     const int cols_valid = min(kBlockN, Sk - n0);
-    bool need_mask = has_mask || cols_valid < kBlockN;
-    if (mk.causal && !need_mask) {
-      int64_t k_min, k_max;
-      position_range(mk.k_pos, mk.k_offset, n0, cols_valid, lane, k_min, k_max);
-      need_mask = k_max > q_min;
-    }
+    const bool vis_test = kind == TileKind::kPartial;
+    const bool need_mask = has_mask || cols_valid < kBlockN || vis_test;
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] *= scale;
+    if (softcap) {
+      // Read per tile, not held across the loop (see q_span_pad).
+      const float cap = static_cast<float>(p.softcap);
+      const float inv_cap = __frcp_rn(cap);
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) apply_softcap(s[nt][e], cap, inv_cap);
+    }
     uint32_t keep_bits = 0xffffffffu;  // bit 4*nt + e: element s[nt][e] is kept
     if (need_mask || dropout) {  // warp-uniform (dropout_keep_pair shuffles)
+      // The rows' positions are read here, per masked tile, rather than held in registers
+      // across the loop (4 registers; see q_span_pad).
+      int64_t qpos[2];
+#pragma unroll
+      for (int t = 0; t < 2; ++t) qpos[t] = row_ok[t] ? q_position(mk, m0 + r_loc + 8 * t) : 0;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         const int j0 = n0 + nt * 8 + 2 * (lane % 4);
         const int64_t kpos0 = j0 < Sk ? k_position(mk, j0) : 0;
         const int64_t kpos1 = j0 + 1 < Sk ? k_position(mk, j0 + 1) : 0;
+        const bool read_doc = vis_test && has_doc;
+        // Documents are read only on partial tiles: the queries' here too, rather than
+        // two registers held across the loop.
+        const int32_t kdoc0 = read_doc && j0 < Sk ? mk.k_doc[j0] : 0;
+        const int32_t kdoc1 = read_doc && j0 + 1 < Sk ? mk.k_doc[j0 + 1] : 0;
         // One Philox call per lane instead of two (keys past Sk draw bits never used).
         const uint32_t pair_bits =
             dropout && pair_rng
@@ -178,6 +217,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
           if (need_mask) {
+            const int32_t qdoc = read_doc && row_ok[t] ? mk.q_doc[m0 + r_loc + 8 * t] : 0;
 #pragma unroll
             for (int jj = 0; jj < 2; ++jj) {
               const int j = j0 + jj;
@@ -185,8 +225,8 @@ __global__ void __launch_bounds__(Tr::kNThreads)
               if (!row_ok[t] || j >= Sk) {
                 x = -INFINITY;
               } else {
-                x += mask_term(mk, mask_bh, m0 + r_loc + 8 * t, j, qpos[t],
-                               jj ? kpos1 : kpos0);
+                x += mask_term(mk, mask_bh, m0 + r_loc + 8 * t, j, vis_test, qpos[t],
+                               jj ? kpos1 : kpos0, qdoc, jj ? kdoc1 : kdoc0);
               }
             }
           }
@@ -261,6 +301,7 @@ __global__ void __launch_bounds__(Tr::kNThreads)
     __syncthreads();  // every warp is done with this stage before it is refilled
     stage ^= 1;
     n = n_next;
+    kind = kind_next;
   }
   cp_async_wait<0>();  // no copy may still target smem when the CTA exits
 
@@ -300,9 +341,11 @@ __global__ void __launch_bounds__(Tr::kNThreads)
       }
     }
     if (lane % 4 == 0) {
-      // bf16 / fp16 inputs: the accumulation type, hence lse, is float (attn_params.h).
-      float* lse = static_cast<float*>(p.lse);
-      lse[row_base + i] = l == 0.f ? -INFINITY : m_run[t] + log2f(l) * kLn2;
+      // lse is float64 for every input dtype (attn_params.h), m + log l computed in
+      // double: in float, m = -1e9 (a row masked by -1e9) absorbs log l < 32.
+      double* lse = static_cast<double*>(p.lse);
+      lse[row_base + i] = l == 0.f ? -static_cast<double>(INFINITY)
+                                   : static_cast<double>(m_run[t]) + log(static_cast<double>(l));
     }
   }
 }

@@ -45,11 +45,14 @@ struct FwdTraits {
 //        limit with double-buffered K/V), 128 x 16 (99 KB) under 99 KB.
 // Occupancy is register-limited to one 8-warp CTA per SM for every configuration, not set
 // by smem: ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled) reports, sm_80 / sm_90,
-// 180 / 179 registers at hd64, 215 / 208 at hd96, 231 / 232 at hd128, 252 / 253 at hd192,
-// 253 / 245 at hd256, and for the 99 KB tiles 192 / 188 (hd128), 200 / 200 (hd192),
-// 242 / 238 (hd256). 256 threads x 180 registers (allocated in 8s: 184) = 47,104 of an
-// SM's 65,536, so a second CTA never fits, even where smem would allow it (hd64: 54 KB).
-// The compute_90 PTX assembles for sm_100 and sm_120 with 176-249 registers, 0 spilled.
+// 180 / 177 registers at hd64, 212 / 205 at hd96, 226 / 221 at hd128, 254 / 246 at hd192,
+// 251 / 242 at hd256, and for the 99 KB tiles 184 / 182 (hd128), 204 / 212 (hd192),
+// 238 / 236 (hd256), with the band, documents and softcap (fwd_kernel.cuh's q_span_pad
+// says how they stayed under 255). 256 threads x 180 registers (allocated in 8s: 184) =
+// 47,104 of an SM's 65,536, so a second CTA never fits, even where smem would allow it
+// (hd64: 54 KB).
+// The compute_90 PTX assembles for sm_100 and sm_120 with 176-252 registers, 0 spilled
+// (the backward: 162-247).
 template <int kHeadDim, int kVariant>
 struct FwdConfig {
   static constexpr TileConfig kTile = fwd_tiles(kHeadDim).c[kVariant];
@@ -83,7 +86,8 @@ struct BwdTraits {
   static constexpr int kWarpsD3 = kNWarps / kWarpsM3;
   static constexpr int kD3 = kHeadDim / kWarpsD3;
   // Element counts: sQ, sdO [kBlockM][kStride]; sK, sV [kBlockN][kStride];
-  // sP, sdS [kBlockM][kPStride]; then float sLse, sDelta [kBlockM].
+  // sP, sdS [kBlockM][kPStride]; then float sLseHi, sLseLo [kBlockM] (the float64 lse
+  // split in two floats, split_lse in utils.cuh).
   static constexpr int kSmemElems = (2 * kBlockM + 2 * kBlockN) * kStride + 2 * kBlockM * kPStride;
   static constexpr int kSmemBytes = kSmemElems * 2 + 2 * kBlockM * 4;
   static_assert(kWarpsM1 * kWarpsN1 == kNWarps && kN1 % 16 == 0, "phase-1 warp layout");
@@ -102,9 +106,9 @@ struct BwdTraits {
 // with 8 warps (85.5 KB), hd256 32 x 32 with 4 warps (71.3 KB; an 8-warp layout needs at
 // least 64 x 32, 109.5 KB). A 128-key CTA (FA2's choice) and double-buffered Q/dO are the
 // next steps to try on a GPU.
-// ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled), sm_80 / sm_90: 162 / 178
-// registers at hd64, 185 / 209 at hd96, 222 / 241 at hd128, 226 / 233 at hd192, 255 / 242
-// at hd256; 99 KB tiles 166 / 164 (hd192) and 252 / 246 (hd256, 4 warps). So one 8-warp
+// ptxas -v (CUDA 13.0, bf16 and fp16 alike, 0 bytes spilled), sm_80 / sm_90: 156 / 176
+// registers at hd64, 187 / 211 at hd96, 224 / 243 at hd128, 225 / 225 at hd192, 252 / 247
+// at hd256; 99 KB tiles 166 / 164 (hd192) and 244 / 240 (hd256, 4 warps). So one 8-warp
 // CTA per SM everywhere (register-limited), and one 4-warp CTA for hd256 under 99 KB
 // (smem-limited: 2 x 72,960 B > 100 KB per SM). __launch_bounds__(kNThreads, 1): without
 // the minimum of 1 CTA per SM, ptxas capped the hd192 64 x 32 tile at 128 registers

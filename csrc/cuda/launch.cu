@@ -8,9 +8,10 @@
 //                       tile picked from the GPU's smem per block (tile_config.h)
 //   float32 / float64   SIMT kernels in the input precision (simt_kernel.cuh): float64 is
 //                       supported on CUDA, correct but slow (no tensor-core fp64 path)
-// Head dims above 256 are rejected with a clear error on every dtype. lse, delta and a
-// float mask come from attn_host.cpp in the accumulation dtype: float32 for every kernel
-// here except the float64 SIMT one, which reads and writes them as double.
+// Head dims above 256 are rejected with a clear error on every dtype. delta and a float
+// mask come from attn_host.cpp in the accumulation dtype: float32 for every kernel here
+// except the float64 SIMT one, which reads them as double; lse is float64 for every dtype
+// (attn_params.h), written and read as double by every kernel.
 //
 // RING_ATTN_HEAD_DIMS (setup.py) may limit the compiled head dims; setup.py then defines
 // RING_ATTN_HEAD_DIMS_LIMITED and RING_ATTN_HAS_HD<N> for each compiled N, and only those
@@ -163,6 +164,15 @@ int pick_tile(int hd, bool backward) {
               prop->major, ".", prop->minor, ") allows ", limit);
 }
 
+// Every kernel here writes and reads lse as double (attn_params.h); a float32 buffer
+// (attn_host.cpp before lse became float64) would be overrun by the forward's 8-byte
+// stores, so the host's allocation is checked, not assumed.
+void check_lse_double(const at::Tensor& lse) {
+  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.is_contiguous(),
+              "ring_attn: internal error, the CUDA kernels need a contiguous float64 lse "
+              "from attn_host.cpp, got ", lse.scalar_type());
+}
+
 void check_cuda_shape(const AttnShape& s, const at::Tensor& q) {
   TORCH_CHECK(s.D <= kMaxHeadDim && s.Dv <= kMaxHeadDim,
               "ring_attn: CUDA kernels support head dims up to ", kMaxHeadDim, ", got D = ", s.D,
@@ -245,6 +255,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(
   PreparedFwd prep = prepare_fwd(args, out_fp32, c10::DeviceType::CUDA);
   const AttnFwdParams& p = prep.params;
   check_cuda_shape(p.shape, prep.q);
+  check_lse_double(prep.lse);
   if (p.shape.B == 0 || p.shape.Hq == 0 || p.shape.Sq == 0) return {prep.out, prep.lse};
   const bool of32 = prep.out.scalar_type() == at::kFloat;
   const cudaStream_t st = at::cuda::getCurrentCUDAStream();
@@ -280,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
   const AttnBwdParams& p = prep.params;
   const AttnShape& s = p.shape;
   check_cuda_shape(s, prep.q);
+  check_lse_double(prep.lse);
   if (s.B * s.Hq * s.Sq == 0 || s.B * s.Hk * s.Sk == 0) {
     // No query or no key: every gradient is an (empty or) zero sum.
     prep.dq.zero_();

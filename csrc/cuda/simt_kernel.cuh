@@ -11,7 +11,8 @@
 // torch's float32, also for logits in the thousands, where a float32 s - m loses up to
 // ulp(2400) = 2.4e-4 in the exponent), whatever the nvcc flags; cuobjdump -sass of
 // simt_fp32.o shows no .FTZ instruction and no MUFU (approximate) op. Storage follows the
-// contract (attn_params.h): lse, delta and a float mask in float32 for float32 inputs.
+// contract (attn_params.h): delta and a float mask in float32 for float32 inputs, lse in
+// float64 for both.
 // It is slower than the bf16/fp16 path, by design: correctness first (double runs at
 // 1/2 the float rate on A100/H100, 1/64 on GeForce cards); float32 training should use
 // bf16/fp16 inputs with out_fp32 / grad_fp32 for speed.
@@ -24,10 +25,12 @@
 //             dP' = keep / (1-p) * dO . v_j; dQ = scale * sum_j dS K_j.
 //             dK/dV: warp per key row over every query of every head of its KV group
 //             (GQA summed in place): dV += Pd dO_i, dK += scale * dS Q_i.
+// Scores are soft-capped (s = c tanh(s / c)) before the mask when softcap > 0.
 // Non-finite values follow torch's math backend (attn_params.h): masks are additive
-// (s + (-inf)), the running max propagates NaN, and keys that causality masks are
-// skipped only when causal_skip_ok (every input finite); bool-masked keys are never
-// skipped (nothing tells a non-causal call that its inputs are finite).
+// (s + (-inf)), the running max propagates NaN, and keys that the band or documents hide
+// (common/visibility.h's visible, per element) are skipped only when visibility_skip_ok
+// (every input finite); bool-masked keys are never skipped (nothing tells a call without
+// a band or documents that its inputs are finite).
 // Every output element has one owner: no atomics, deterministic.
 #pragma once
 #include <cuda_runtime.h>
@@ -42,7 +45,8 @@ namespace cuda {
 constexpr int kSimtWarps = 4;   // rows per CTA: small CTAs spread short sequences over SMs
 constexpr int kSimtChunks = 8;  // head-dim elements per lane: 8 x 32 = 256 = max head dim
 
-// Storage type of lse, delta and a float mask (the contract's accumulation type).
+// Storage type of delta and a float mask (the contract's accumulation type); lse is
+// double for every input dtype.
 template <typename T> struct SimtAcc { using type = float; };
 template <> struct SimtAcc<double> { using type = double; };
 using C = double;  // compute type of every SIMT kernel (see the header comment)
@@ -100,26 +104,38 @@ __device__ __forceinline__ void store_row(void* out, bool as_f32, int64_t off, c
   }
 }
 
-// Whether key j may be skipped for query i without computing it: only when causality
-// masks it and causal_skip_ok (then its contribution is exactly 0).
-__device__ __forceinline__ bool simt_skip(bool skip_ok, int64_t qpos, int64_t kpos) {
-  return skip_ok && kpos > qpos;
+// Whether the band and documents let query (qpos, qdoc) see key j (common/visibility.h);
+// true when there is no such rule. A hidden key is skipped when skip_ok
+// (visibility_skip_ok: then its contribution is exactly 0), else masked with -inf.
+__device__ __forceinline__ bool simt_visible(const AttnMaskParams& m, int64_t qpos,
+                                             int32_t qdoc, int64_t kpos, int j) {
+  return !has_visibility_rule(m) || visible(m, qpos, kpos, qdoc, k_document(m, j));
 }
 
-// The additive term of element (i, j): -inf where causality or a bool mask excludes it,
-// the float mask's value (stored in the accumulation type A, attn_params.h), else 0.
+// The additive term of element (i, j): -inf where the band / documents hide it (!vis) or
+// a bool mask excludes it, plus the float mask's value (stored in the accumulation type
+// A, attn_params.h); 0 when nothing applies. Additive like mask_term (utils.cuh).
 template <typename A>
 __device__ __forceinline__ C simt_mask_add(const AttnMaskParams& m, const void* mask_bh, int i,
-                                           int j, int64_t qpos, int64_t kpos) {
-  if (m.causal && kpos > qpos) return -INFINITY;
+                                           int j, bool vis) {
+  C t = vis ? C(0) : C(-INFINITY);
   if (m.kind == MaskKind::kBool) {
-    return static_cast<const uint8_t*>(mask_bh)[i * m.stride[2] + j * m.stride[3]] != 0
-               ? C(0) : C(-INFINITY);
+    if (static_cast<const uint8_t*>(mask_bh)[i * m.stride[2] + j * m.stride[3]] == 0) {
+      t = -INFINITY;
+    }
+  } else if (m.kind == MaskKind::kFloat) {
+    t += to_c(static_cast<const A*>(mask_bh)[i * m.stride[2] + j * m.stride[3]]);
   }
-  if (m.kind == MaskKind::kFloat) {
-    return to_c(static_cast<const A*>(mask_bh)[i * m.stride[2] + j * m.stride[3]]);
-  }
-  return 0;
+  return t;
+}
+
+// Soft cap of a scaled score (attn_params.h; cap = softcap, 0 off): x = cap tanh(x / cap),
+// before the mask. Returns 1 - tanh^2, the factor the backward's dS picks up (1 when off).
+__device__ __forceinline__ C simt_softcap(C& x, C cap) {
+  if (cap <= 0) return 1;
+  const C t = tanh(x / cap);
+  x = cap * t;
+  return 1 - t * t;
 }
 
 __device__ __forceinline__ bool simt_keep(const DropoutParams& d, int b, int h, int64_t qpos,
@@ -151,14 +167,18 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   for (int c = 0; c < kSimtChunks; ++c) o[c] = 0;
   const void* mask_bh = mask_slice<A>(mk, b, h);
   const int64_t qpos = q_position(mk, i);
-  const bool skip_ok = causal_skip_ok(mk);
+  const int32_t qdoc = q_document(mk, i);
+  const bool skip_ok = visibility_skip_ok(mk);
   const C scale = static_cast<C>(p.scale);
   C m = -INFINITY, l = 0;
   for (int j = 0; j < sh.Sk; ++j) {
     const int64_t kpos = k_position(mk, j);
-    if (simt_skip(skip_ok, qpos, kpos)) continue;
+    const bool vis = simt_visible(mk, qpos, qdoc, kpos, j);
+    if (skip_ok && !vis) continue;
     load_row(kr, kb + j * p.k_stride[2], D, lane);
-    const C s = dot_row(q, kr) * scale + simt_mask_add<A>(mk, mask_bh, i, j, qpos, kpos);
+    C s = dot_row(q, kr) * scale;
+    simt_softcap(s, p.softcap);
+    s += simt_mask_add<A>(mk, mask_bh, i, j, vis);
     const C m_new = max_nan(m, s);
     // No key yet (m_new = -inf): subtract 0, so exp(-inf) = 0, not exp(NaN).
     const C m_use = m_new == -INFINITY ? C(0) : m_new;
@@ -176,7 +196,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   // l == 0: no key (out 0, lse -inf; O * 0 keeps math's NaN from 0 * NaN V); NaN l -> NaN.
   const C inv = l == 0 ? C(0) : keep_scale / l;
   store_row<T>(p.out, out_fp32, row * Dv, o, inv, Dv, lane);
-  if (lane == 0) static_cast<A*>(p.lse)[row] = from_c<A>(l == 0 ? C(-INFINITY) : m + log(l));
+  // lse is float64 for every input dtype (attn_params.h): C is double, stored as is.
+  if (lane == 0) static_cast<double*>(p.lse)[row] = l == 0 ? C(-INFINITY) : m + log(l);
 }
 
 // Shared by both backward kernels: dS and the dropped probability of element (i, j).
@@ -204,8 +225,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
   const int hk = h / static_cast<int>(sh.Hq / sh.Hk);
   const int D = static_cast<int>(sh.D), Dv = static_cast<int>(sh.Dv);
   const int64_t row = (static_cast<int64_t>(b) * sh.Hq + h) * sh.Sq + i;
-  const C lse = to_c(static_cast<const A*>(p.lse)[row]);
-  const bool skip_ok = causal_skip_ok(mk);
+  const C lse = static_cast<const double*>(p.lse)[row];
+  const bool skip_ok = visibility_skip_ok(mk);
   C dq[kSimtChunks];
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) dq[c] = 0;
@@ -221,19 +242,23 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
     const C delta = to_c(static_cast<const A*>(p.delta)[row]);
     const void* mask_bh = mask_slice<A>(mk, b, h);
     const int64_t qpos = q_position(mk, i);
+    const int32_t qdoc = q_document(mk, i);
     const C scale = static_cast<C>(p.scale);
     const C keep_scale = p.dropout.p > 0.f ? C(1) / (C(1) - p.dropout.p) : C(1);
     for (int j = 0; j < sh.Sk; ++j) {
       const int64_t kpos = k_position(mk, j);
-      if (simt_skip(skip_ok, qpos, kpos)) continue;
+      const bool vis = simt_visible(mk, qpos, qdoc, kpos, j);
+      if (skip_ok && !vis) continue;
       load_row(kr, kb + j * p.k_stride[2], D, lane);
       load_row(vr, vb + j * p.v_stride[2], Dv, lane);
-      const C s = dot_row(q, kr) * scale + simt_mask_add<A>(mk, mask_bh, i, j, qpos, kpos);
+      C s = dot_row(q, kr) * scale;
+      const C dcap = simt_softcap(s, p.softcap);
+      s += simt_mask_add<A>(mk, mask_bh, i, j, vis);
       const C dpd = dot_row(dout, vr);
       const SimtGrad g = simt_grad(s, lse, dpd, delta, simt_keep(p.dropout, b, h, qpos, kpos),
                                    keep_scale);
 #pragma unroll
-      for (int c = 0; c < kSimtChunks; ++c) dq[c] += g.ds * kr[c];
+      for (int c = 0; c < kSimtChunks; ++c) dq[c] += g.ds * dcap * kr[c];
     }
   }
   store_row<T>(p.dq, grad_fp32, row * D, dq, static_cast<C>(p.scale), D, lane);
@@ -260,7 +285,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
 #pragma unroll
   for (int c = 0; c < kSimtChunks; ++c) dk[c] = dv[c] = 0;
   const int64_t kpos = k_position(mk, j);
-  const bool skip_ok = causal_skip_ok(mk);
+  const bool skip_ok = visibility_skip_ok(mk);
   const C scale = static_cast<C>(p.scale);
   const C keep_scale = p.dropout.p > 0.f ? C(1) / (C(1) - p.dropout.p) : C(1);
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
@@ -269,21 +294,25 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
     const T* qb = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
     const T* dob = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + h * p.dout_stride[1];
     for (int i = 0; i < sh.Sq; ++i) {
-      const C lse = to_c(static_cast<const A*>(p.lse)[row0 + i]);
+      const C lse = static_cast<const double*>(p.lse)[row0 + i];
       if (skip_ok && lse == -INFINITY) continue;  // no key: P = 0, contributes exactly 0
       const int64_t qpos = q_position(mk, i);
-      if (simt_skip(skip_ok, qpos, kpos)) continue;
+      const bool vis = simt_visible(mk, qpos, q_document(mk, i), kpos, j);
+      if (skip_ok && !vis) continue;
       load_row(q, qb + i * p.q_stride[2], D, lane);
       load_row(dout, dob + i * p.dout_stride[2], Dv, lane);
-      const C s = dot_row(q, kr) * scale + simt_mask_add<A>(mk, mask_bh, i, j, qpos, kpos);
+      C s = dot_row(q, kr) * scale;
+      const C dcap = simt_softcap(s, p.softcap);
+      s += simt_mask_add<A>(mk, mask_bh, i, j, vis);
       const C dpd = dot_row(dout, vr);
       const SimtGrad g =
           simt_grad(s, lse, dpd, to_c(static_cast<const A*>(p.delta)[row0 + i]),
                     simt_keep(p.dropout, b, h, qpos, kpos), keep_scale);
+      const C ds = g.ds * dcap;
 #pragma unroll
       for (int c = 0; c < kSimtChunks; ++c) {
         dv[c] += g.pd * dout[c];
-        dk[c] += g.ds * q[c];
+        dk[c] += ds * q[c];
       }
     }
   }

@@ -34,7 +34,8 @@ constexpr int fwd_smem_bytes(int head_dim, const TileConfig& t, int elem_bytes) 
 }
 
 // Backward: sQ, sdO [block_m] rows and sK, sV [block_n] rows of (head_dim + pad); sP, sdS
-// [block_m][block_n + pad]; then float sLse, sDelta [block_m].
+// [block_m][block_n + pad]; then float sLseHi, sLseLo [block_m] (the float64 lse as two
+// floats).
 constexpr int bwd_smem_bytes(int head_dim, const TileConfig& t, int elem_bytes) {
   return (2 * t.block_m + 2 * t.block_n) * (head_dim + kSmemPad) * elem_bytes +
          2 * t.block_m * (t.block_n + kSmemPad) * elem_bytes + 2 * t.block_m * 4;

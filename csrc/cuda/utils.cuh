@@ -12,12 +12,12 @@
 
 #include "common/attn_params.h"
 #include "common/dropout_rng.h"
+#include "common/visibility.h"
 
 namespace ring_attn {
 namespace cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // ---------------------------------------------------------------------------------------
 // Element types of the tensor-core path.
@@ -181,44 +181,94 @@ __device__ __forceinline__ float max_nan(float a, float b) {
   return r;
 }
 
-// Whether tiles or elements that causality masks may be skipped: only when every value
-// they would read is finite (AttnMaskParams::nonfinite), since math gives NaN for
-// NaN + (-inf) and 0 * NaN. Non-causal calls never skip (nullptr means nothing to skip).
-__device__ __forceinline__ bool causal_skip_ok(const AttnMaskParams& m) {
-  return m.causal && (m.nonfinite == nullptr || *m.nonfinite == 0);
+// Whether tiles or elements that the band or documents hide (common/visibility.h) may be
+// skipped: only when there is such a rule and every value they would read is finite
+// (AttnMaskParams::nonfinite), since math gives NaN for NaN + (-inf) and 0 * NaN. Calls
+// without a band or documents never skip.
+__device__ __forceinline__ bool visibility_skip_ok(const AttnMaskParams& m) {
+  return has_visibility_rule(m) && skip_allowed(m);
 }
 
-// Min and max of positions [start, start + len) (len >= 1), identical in every lane of
-// the warp. Used to skip tiles that causality masks entirely and to drop per-element
-// masking where causality masks nothing: positions may be any map (zigzag, striped).
-__device__ __forceinline__ void position_range(const int64_t* pos, int64_t offset, int start,
-                                               int len, int lane, int64_t& mn, int64_t& mx) {
-  if (pos == nullptr) {
-    mn = offset + start;
-    mx = offset + start + len - 1;
-    return;
-  }
-  mn = INT64_MAX;
-  mx = INT64_MIN;
+__device__ __forceinline__ int32_t q_document(const AttnMaskParams& m, int i) {
+  return m.q_doc ? m.q_doc[i] : 0;
+}
+__device__ __forceinline__ int32_t k_document(const AttnMaskParams& m, int j) {
+  return m.k_doc ? m.k_doc[j] : 0;
+}
+
+// Min and max of vals[start, start + len) (len >= 1), identical in every lane of the
+// warp (a strided warp loop, then a butterfly).
+template <typename T>
+__device__ __forceinline__ Span warp_span(const T* vals, int start, int len, int lane) {
+  T mn = vals[start], mx = mn;
   for (int t = lane; t < len; t += 32) {
-    const int64_t v = pos[start + t];
+    const T v = vals[start + t];
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    const int64_t a = __shfl_xor_sync(0xffffffffu, mn, o);
-    const int64_t b = __shfl_xor_sync(0xffffffffu, mx, o);
+    const T a = __shfl_xor_sync(0xffffffffu, mn, o);
+    const T b = __shfl_xor_sync(0xffffffffu, mx, o);
     mn = a < mn ? a : mn;
     mx = b > mx ? b : mx;
   }
+  return {static_cast<int64_t>(mn), static_cast<int64_t>(mx)};
 }
 
-// Score transform of one element given its validity: returns the additive term (natural
-// log units, as torch adds it to the scaled score; 0 when no float mask) or -inf when the
-// element is masked out (causal or bool false). Row i < Sq and column j < Sk are the
-// caller's responsibility. The tensor-core kernels (bf16 / fp16) accumulate in float, so
-// their float mask is float.
+// Positions and documents of one block of queries or keys, as min/max (the input of
+// classify_tile). Positions may be any map (zigzag, striped); without a map they are
+// offset + index, without documents the document span is {0, 0} (never read).
+struct BlockSpans {
+  Span pos, doc;
+};
+
+__device__ __forceinline__ BlockSpans block_spans(const int64_t* pos, int64_t offset,
+                                                  const int32_t* doc, int start, int len,
+                                                  int lane) {
+  BlockSpans r;
+  r.pos = pos ? warp_span(pos, start, len, lane)
+              : Span{offset + start, offset + start + len - 1};
+  r.doc = doc ? warp_span(doc, start, len, lane) : Span{0, 0};
+  return r;
+}
+
+// The status of a (query block, key block) tile under the band and documents: kFull when
+// there is no such rule, else classify_tile's, with kSkip demoted to kPartial (computed,
+// every element hidden by the element test) when skipping is not allowed (skip_ok is
+// visibility_skip_ok). Warp-uniform: every input is.
+__device__ __forceinline__ TileKind tile_status(const AttnMaskParams& m, bool skip_ok,
+                                                const BlockSpans& q, const BlockSpans& k) {
+  if (!has_visibility_rule(m)) return TileKind::kFull;
+  const TileKind t = classify_tile(m, q.pos, k.pos, q.doc, k.doc);
+  return t == TileKind::kSkip && !skip_ok ? TileKind::kPartial : t;
+}
+
+// Gemma 2's soft cap (attn_params.h) on a scaled score, before the mask: returns
+// t = tanh(x / cap) and sets x = cap * t; the backward's dS factor is 1 - t^2.
+// Not tanhf: under --use_fast_math (setup.py) nvcc compiles tanhf to tanh.approx.f32
+// (PTX ISA: about 2^-11 relative error; the PTX of fwd_bf16_hd128.cu showed it), so at
+// Gemma 2's cap of 50 a logit would be off by up to 0.025, its probability by 2.5%.
+// tanh(y) = 1 - 2 / (exp(2y) + 1) with ex2.approx (2^-22 relative) and the approximate
+// division (2 ulp) is within ~4e-7 of tanh(y) absolutely, i.e. 2e-5 in a logit at cap 50,
+// for one more MUFU op per element. exp2 overflowing to +inf gives t = 1 and underflowing
+// to 0 gives t = -1 (so +-inf scores become +-cap, as math's cap * tanh(s / cap)); a NaN
+// stays NaN.
+__device__ __forceinline__ float apply_softcap(float& x, float cap, float inv_cap) {
+  const float e = exp2f(x * inv_cap * (2.f * kLog2e));
+  const float t = 1.f - 2.f / (e + 1.f);
+  x = cap * t;
+  return t;
+}
+
+// The additive term of one element, in natural log units as torch adds it to the scaled
+// (and soft-capped) score: -inf where the band or documents hide the element (tested only
+// when `vis_test`, i.e. on a partial tile) or a bool mask is false, plus the float mask's
+// value; 0 when nothing applies. Additive like math's (s + mask): a hidden element adds
+// -inf, so a NaN or +inf score there stays NaN, and a float mask of +inf there gives NaN
+// (-inf + inf), as the CPU kernels' mask_tile (mask, then -inf) gives. Row i < Sq and
+// column j < Sk are the caller's responsibility; qd / kd are read only with documents.
+// The tensor-core kernels (bf16 / fp16) accumulate in float, so their float mask is float.
 // The kernels keep scores in natural units and convert to log2 units only inside exp2:
 // exp2((s - m) * log2(e)). Scaling the mask by log2(e) first (as this code once did)
 // overflows to -inf for any value below -FLT_MAX / log2(e) = -2.36e38, and
@@ -226,16 +276,37 @@ __device__ __forceinline__ void position_range(const int64_t* pos, int64_t offse
 // value, is below it: a fully padded row then gave out = 0, lse = -inf instead of torch's
 // mean of V with lse = finfo.min.
 __device__ __forceinline__ float mask_term(const AttnMaskParams& m, const void* mask_bh, int i,
-                                           int j, int64_t qpos, int64_t kpos) {
-  if (m.causal && kpos > qpos) return -INFINITY;
+                                           int j, bool vis_test, int64_t qpos, int64_t kpos,
+                                           int32_t qd, int32_t kd) {
+  float t = vis_test && !visible(m, qpos, kpos, qd, kd) ? -INFINITY : 0.f;
   if (m.kind == MaskKind::kBool) {
     const uint8_t* mb = static_cast<const uint8_t*>(mask_bh);
-    if (!mb[i * m.stride[2] + j * m.stride[3]]) return -INFINITY;
+    if (!mb[i * m.stride[2] + j * m.stride[3]]) t = -INFINITY;
   } else if (m.kind == MaskKind::kFloat) {
     const float* mf = static_cast<const float*>(mask_bh);
-    return mf[i * m.stride[2] + j * m.stride[3]];
+    t += mf[i * m.stride[2] + j * m.stride[3]];
   }
-  return 0.f;
+  return t;
+}
+
+// lse (float64 for every input dtype, attn_params.h) as two floats, hi = (float)lse and
+// lo = (float)(lse - hi), so the backward's P = exp((S - hi) - lo) stays float32
+// arithmetic per element yet keeps lse's float64 accuracy: a row masked by a huge finite
+// value (-1e9, finfo.min) has lse = m + log(n) with log(n) below half an ulp of m in
+// float32, which a float lse rounded away (P = exp(S - m) = 1 instead of 1 / n).
+// lse = -inf (a row with no key) gives hi = -inf, lo = NaN: callers test hi first.
+struct SplitLse {
+  float hi, lo;
+};
+__device__ __forceinline__ SplitLse split_lse(double lse) {
+  // Explicit round-to-nearest conversions: plain casts compile to cvt.rn.ftz under
+  // --use_fast_math, which would flush a denormal lo to 0 (harmless, but not exact).
+  float hi, lo;
+  asm("cvt.rn.f32.f64 %0, %1;" : "=f"(hi) : "d"(lse));
+  double hid;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(hid) : "f"(hi));
+  asm("cvt.rn.f32.f64 %0, %1;" : "=f"(lo) : "d"(lse - hid));
+  return {hi, lo};
 }
 
 // The (b, h) slice of the mask. A float mask is stored in the accumulation type
