@@ -21,6 +21,7 @@ from helpers import assert_close_to_ref, random_float_mask, sdpa_reference
 from ring_attn.layout import LAYOUTS, runs_to_positions
 from ring_attn.parallel.hybrid import (hybrid_attention, hybrid_local_runs, hybrid_positions,
                                        hybrid_shard, hybrid_unshard)
+from ring_attn.parallel.strategy import check_strategy, strategy_attention
 from ring_attn.parallel.ulysses import head_plans, ulysses_attention
 
 
@@ -67,30 +68,39 @@ class Mesh:
 
 
 def _run_case(m: Mesh, layout: str, causal: bool, hq: int, hk: int, kind: str, seed: int,
-              failures: list[str], use_ulysses_api: bool = False) -> None:
+              failures: list[str], api: str = "hybrid",
+              dtype: torch.dtype = torch.float32) -> None:
+    """One configuration through `api`: "hybrid" (hybrid_attention on m.mesh), "ulysses"
+    (ulysses_attention on m.mesh[0]) or "strategy:<name>" (strategy_attention)."""
     p = m.u_size * m.r_size
     s_local = 3 if m.u_size > 1 else (4 if layout == "zigzag" else 5)  # odd where allowed
     s = p * s_local
     (q, k, v, dout), g = _full_inputs(seed, s, hq, hk)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
     mask = _mask(kind, s, hq, g)
     ref_mask = _ref_mask(mask, causal, s)
     xs64 = [t.double().requires_grad_() for t in (q, k, v)]
     ref = sdpa_reference(*xs64, attn_mask=ref_mask, enable_gqa=hq != hk)
     ref_g = _grads(ref, dout.double(), xs64)
     xst = [t.clone().requires_grad_() for t in (q, k, v)]
-    theirs = sdpa_reference(*xst, attn_mask=ref_mask, enable_gqa=hq != hk,
-                            dtype=torch.float32)
+    theirs = sdpa_reference(*xst, attn_mask=ref_mask, enable_gqa=hq != hk, dtype=dtype)
     theirs_g = _grads(theirs, dout, xst)
     pos = m.positions(s_local, layout)
     ql, kl, vl = (t.index_select(2, pos).contiguous().requires_grad_() for t in (q, k, v))
-    if use_ulysses_api:
-        out = ulysses_attention(ql, kl, vl, group=m.mesh[0], is_causal=causal, attn_mask=mask)
-    else:
+    if api == "hybrid":
         out = hybrid_attention(ql, kl, vl, mesh=m.mesh, layout=layout, is_causal=causal,
                                attn_mask=mask)
+    elif api == "ulysses":
+        out = ulysses_attention(ql, kl, vl, group=m.mesh[0], is_causal=causal, attn_mask=mask)
+    else:
+        strategy = api.split(":")[1]
+        where = {"hybrid": {"mesh": m.mesh, "layout": layout},
+                 "ulysses": {"layout": "contiguous"}}
+        out = strategy_attention(ql, kl, vl, strategy=strategy, is_causal=causal,
+                                 attn_mask=mask, **where.get(strategy, {"layout": layout}))
     got = [out, *_grads(out, dout.index_select(2, pos), (ql, kl, vl))]
     what = (f"{m.name} (u={m.u}, r={m.r}) {layout} causal={causal} hq={hq} hk={hk} "
-            f"mask={kind}{' ulysses_attention' if use_ulysses_api else ''}")
+            f"mask={kind} via {api} {dtype}")
     for name, ours, r, t in zip(("out", "dq", "dk", "dv"), got, [ref, *ref_g],
                                 [theirs, *theirs_g]):
         try:
@@ -217,6 +227,16 @@ def ulysses_checks(rank: int, world_size: int) -> tuple[int, list[str]]:
         _run_dropout(m, failures)
         _run_shard_unshard(m, failures)
     _run_disagreements(meshes[2], rank, failures)
+    # strategy_attention: "ring" and "ulysses" on the world group, "hybrid" on a mesh.
+    world_ring = Mesh("1x4 world", None, 0, 1, rank, 4)
+    world_ulysses = Mesh("4x1 world", None, rank, 4, 0, 1)
+    for m, api in ((world_ring, "strategy:ring"), (world_ulysses, "strategy:ulysses"),
+                   (meshes[3], "strategy:hybrid")):
+        _run_case(m, "striped", True, 4, 2, "keypad", n, failures, api=api)
+        n += 1
+    for m in meshes[:3]:  # bf16 on the wire and in the kernels
+        _run_case(m, "zigzag", True, 4, 1, "keypad", n, failures, dtype=torch.bfloat16)
+        n += 1
     if rank >= 2:
         pr = rank - 2
         as_ulysses = Mesh("2x1 pair", (pair, singles[rank]), pr, 2, 0, 1)
@@ -224,7 +244,7 @@ def ulysses_checks(rank: int, world_size: int) -> tuple[int, list[str]]:
         for causal in (False, True):
             for hq, hk in ((4, 2), (2, 1)):
                 _run_case(as_ulysses, "zigzag", causal, hq, hk, "keypad", n, failures,
-                          use_ulysses_api=True)
+                          api="ulysses")
                 _run_case(as_ulysses, "zigzag", causal, hq, hk, "none", n + 1, failures)
                 for layout in LAYOUTS:
                     _run_case(as_ring, layout, causal, hq, hk, "keypad", n + 2, failures)
@@ -238,6 +258,20 @@ def ulysses_checks(rank: int, world_size: int) -> tuple[int, list[str]]:
                       ["ring size"], "mesh shape differs", failures)
     dist.barrier()
     return n, failures
+
+
+def test_check_strategy() -> None:
+    for args, words in ((("pipeline", None, None, "zigzag"), "strategy must be one of"),
+                        (("ulysses", None, None, "zigzag"), "layout='contiguous'"),
+                        (("hybrid", None, None, "zigzag"), "needs mesh="),
+                        (("ring", None, (None, None), "zigzag"), "mesh= is for")):
+        try:
+            check_strategy(*args)
+        except ValueError as e:
+            assert words in str(e), (args, str(e))
+        else:
+            raise AssertionError(f"check_strategy{args} did not raise")
+    check_strategy("hybrid", None, (None, None), "striped")
 
 
 def test_head_plans() -> None:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..comm import GroupInfo, group_info
 from ..errors import RingAttnError, RingAttnTypeError
-from ..layout import Run, check_global_length, local_runs, narrow_runs, runs_to_positions
+from ..layout import Run, check_layout, local_runs, narrow_runs, runs_to_positions
 from ..layout import shard as ring_shard
 from ..layout import unshard as ring_unshard
 from ..ring import ring_attention
@@ -88,11 +88,15 @@ def hybrid_shard(x: Tensor, *, mesh: Mesh, dim: int = 2, layout: str = "zigzag")
     Differentiable (layout.shard's gradient convention, twice)."""
     ug, rg = mesh_groups(mesh)
     row, col = group_info(ug), group_info(rg)
-    check_global_length(x.size(dim), col.world_size, layout)
-    if (x.size(dim) // col.world_size) % row.world_size != 0:
-        raise ValueError(f"ring_attn: the hybrid over a {row.world_size} x {col.world_size} "
-                         f"(Ulysses x ring) mesh needs a ring shard length S/R divisible by "
-                         f"U = {row.world_size}, got S = {x.size(dim)}")
+    check_layout(layout)
+    m = hybrid_required_multiple(row.world_size, col.world_size, layout)
+    if x.size(dim) % m != 0:
+        w = m // 2 if layout == "zigzag" else m  # pad_for_ring pads to 2w for zigzag
+        raise ValueError(f"ring_attn: the {layout!r} hybrid over a {row.world_size} x "
+                         f"{col.world_size} (Ulysses x ring) mesh needs a sequence length "
+                         f"that is a multiple of {m}, got {x.size(dim)}; pad it with "
+                         f"ring_attn.pad_for_ring(x, world_size={w}, layout={layout!r}) and "
+                         "mask the padded keys")
     piece = ring_shard(x, dim=dim, group=rg, layout=layout)
     return ring_shard(piece, dim=dim, group=ug, layout="contiguous")
 
