@@ -198,6 +198,16 @@ def _run_disagreements(m: Mesh, rank: int, failures: list[str]) -> None:
     out = hybrid_attention(q4, k4, v4, mesh=m.mesh)
     if out.shape != q4.shape[:3] + (v4.size(3),):
         failures.append(f"{m.name}: good call after refusals gave shape {tuple(out.shape)}")
+    # Backwards in different orders (rank 3 runs call 2's first), and a double backward on
+    # rank 3: every rank raises before the first backward transfer.
+    xs = [t.clone().requires_grad_() for t in (q4, k4, v4)]
+    outs = [hybrid_attention(*xs, mesh=m.mesh) for _ in range(2)]
+    first = outs[1] if odd else outs[0]
+    _expect_raise(lambda: first.sum().backward(retain_graph=True), RuntimeError,
+                  ["ring call whose backward runs"], f"{m.name} backward order", failures)
+    _expect_raise(lambda: torch.autograd.grad(outs[0].sum(), xs, create_graph=odd),
+                  RuntimeError, ["double backward", "ring call whose backward runs"],
+                  f"{m.name} double backward", failures)
 
 
 def ulysses_checks(rank: int, world_size: int) -> tuple[int, list[str]]:

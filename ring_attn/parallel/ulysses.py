@@ -188,8 +188,17 @@ class _ToSequence(torch.autograd.Function):
         if not ex.agree_over:
             refuse_double_backward()
         no_flag = torch.zeros((), dtype=torch.bool)
+        error: Optional[BaseException] = None
         for info, call in ex.agree_over:
-            agree_on_backward(info, call, dout, torch.is_grad_enabled(), no_flag)
+            # A rank whose row refused still joins its column's gather, with call number
+            # -1, so the ranks of the other rows see a disagreement and raise too.
+            try:
+                agree_on_backward(info, call if error is None else -1, dout,
+                                  torch.is_grad_enabled(), no_flag)
+            except RingAttnException as e:
+                error = error or e
+        if error is not None:
+            raise error
         return None, to_heads([dout], list(ex.plans), ex.info)[0]
 
 
