@@ -127,7 +127,6 @@ def worker(rank: int, store_path: str, configs: list[dict], iters: int, out_path
                             world_size=P, timeout=datetime.timedelta(seconds=600))
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ring", "ulysses"))
-    u, r = mesh.get_local_rank("ulysses"), mesh.get_local_rank("ring")
     rows = []
     for cfg in configs:
         b, hq, hk, s, d = cfg["B"], cfg["Hq"], cfg["Hk"], cfg["S"], cfg["D"]
@@ -174,7 +173,7 @@ def machine() -> str:
                 if line.startswith("model name")), platform.processor())
     isa = torch.backends.cpu.get_cpu_capability()
     return (f"{cpu} ({isa}), {os.cpu_count()} cores; torch {torch.__version__}, Python "
-            f"{platform.python_version()}; {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; "
+            f"{platform.python_version()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
             f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
