@@ -172,8 +172,9 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     isa = torch.backends.cpu.get_cpu_capability()
+    now = datetime.datetime.now(datetime.timezone.utc)
     return (f"{cpu} ({isa}), {os.cpu_count()} cores; torch {torch.__version__}, Python "
-            f"{platform.python_version()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+            f"{platform.python_version()}; {now:%Y-%m-%d %H:%M} UTC; "
             f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
