@@ -10,6 +10,24 @@ as data (sequence_parallel(strategy=..., mesh=...), the planner):
 
 `check_strategy` validates the choice once (e.g. when a context is entered);
 `strategy_attention` runs one call with ring_attention's keyword arguments.
+
+Which to choose (closed forms, per rank and forward pass; D = Dv, e bytes per element,
+g = Hq / Hk, |kv| = this rank's K + V shard = 2 B Hk S_local D e):
+  ring     sends (P-1) |kv| (backward: again, plus P float32 dK/dV accumulators),
+           overlapped with compute: hidden when a step's transfer |kv| / BW is below its
+           causal (zigzag) block compute 2 B Hq S_local^2 D / F: S_local >= e F / (g BW).
+  ulysses  sends (U-1)/U (g + 1) |kv| (Hk < U: (U-1) (g/U + 1/Hk) |kv|), the same in the
+           backward, NOT overlapped (all-to-all before and after the kernel). Fewer bytes
+           than the ring (U = P) iff P > g + 1: MHA from P = 3, g = 4 from P = 6; g = 8
+           never within U <= Hk (no replication). Needs Hq % U == 0.
+  hybrid   Ulysses over the fast links (U <= Hk), the ring over the slow ones on shards U
+           times longer (S/R), so the ring hides at S/R >= e F / (g BW_slow): U times
+           shorter sequences than a pure ring across the slow links.
+Example (assumed, not measured here: F = 400 TFLOP/s bf16 attention, e = 2): NVLink 450
+GB/s hides the ring at S_local >= 1.8k / g tokens, 50 GB/s InfiniBand at >= 16k / g.
+Measured (benchmarks/results/hybrid.md, CPU gloo, P = 4, 8 heads, S = 8192, fwd + bwd):
+ring 80 MiB sent per rank, Ulysses 24, hybrid 2x2 48; with Hk = 2 (< U, replicated)
+20 / 18 / 18 MiB. CPU time per rank equal within 12% (0.70-0.80 s).
 """
 from __future__ import annotations
 
