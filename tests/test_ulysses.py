@@ -210,6 +210,30 @@ def _run_disagreements(m: Mesh, rank: int, failures: list[str]) -> None:
                   f"{m.name} double backward", failures)
 
 
+def _count_collectives(m: Mesh, failures: list[str], want: dict[str, int]) -> None:
+    """U = 1 is the pure ring and R = 1 pure Ulysses, with no communication of the other
+    kind: count the collectives of one forward."""
+    import torch.distributed as dist
+    counts = {"all_gather": 0, "all_to_all_single": 0, "batch_isend_irecv": 0}
+    saved = {name: getattr(dist, name) for name in counts}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return saved[name](*args, **kwargs)
+        return call
+    (q, k, v, _), _ = _full_inputs(4, 2, 4, 4)  # this rank's shards, S_local = 2
+    try:
+        for name in counts:
+            setattr(dist, name, counting(name))
+        hybrid_attention(q, k, v, mesh=m.mesh, is_causal=True)
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+    if counts != want:
+        failures.append(f"{m.name}: one forward made {counts}, expected {want}")
+
+
 def ulysses_checks(rank: int, world_size: int) -> tuple[int, list[str]]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -237,6 +261,11 @@ def ulysses_checks(rank: int, world_size: int) -> tuple[int, list[str]]:
         _run_dropout(m, failures)
         _run_shard_unshard(m, failures)
     _run_disagreements(meshes[2], rank, failures)
+    # 4x1: the Ulysses agreement, q/k/v out and out back; 1x4: the ring's agreement, 3 steps.
+    _count_collectives(meshes[0], failures, {"all_gather": 1, "all_to_all_single": 2,
+                                             "batch_isend_irecv": 0})
+    _count_collectives(meshes[1], failures, {"all_gather": 1, "all_to_all_single": 0,
+                                             "batch_isend_irecv": 3})
     # strategy_attention: "ring" and "ulysses" on the world group, "hybrid" on a mesh.
     world_ring = Mesh("1x4 world", None, 0, 1, rank, 4)
     world_ulysses = Mesh("4x1 world", None, rank, 4, 0, 1)
