@@ -40,6 +40,35 @@ def check_layout(layout: str) -> None:
                          f"got {layout!r}")
 
 
+def resolve_layout(layout: str, window: Optional[tuple[int, int]], world_size: int,
+                   seq_len: int, *, is_causal: bool = False) -> str:
+    """The concrete layout for `layout`: itself unless "auto". "auto" picks "contiguous"
+    when a window lets K/V travel fewer hops than the full ring there, else "zigzag".
+
+    Why: zigzag and striped balance causal work across ranks, but they scatter
+    neighbouring tokens over every rank, so a window rarely skips a whole block there
+    and K/V still visit every rank (P - 1 hops). Contiguous keeps neighbours together:
+    with a window of left tokens, rank r needs K/V only from its ceil(left / S_local)
+    predecessors (and ceil(right / S_local) successors when right > 0, non-causal), and
+    only the last `left` rows of the nearest one; its work is balanced too, since every
+    rank's queries see about `left` keys (except the first `left` tokens of rank 0).
+
+    Pure, so the caller shards with the same result: call it once and pass what it
+    returns to ring_attn.shard, positions and ring_attention alike."""
+    if layout != "auto":
+        check_layout(layout)
+        return layout
+    if window is None or world_size < 2 or seq_len < world_size:
+        return "zigzag"
+    s_local = seq_len // world_size
+    left, right = window
+    right = 0 if is_causal else right
+
+    def hops(bound: int) -> int:
+        return world_size - 1 if bound < 0 else min(world_size - 1, -(-bound // s_local))
+    return "contiguous" if hops(left) + hops(right) < world_size - 1 else "zigzag"
+
+
 def required_multiple(world_size: int, layout: str) -> int:
     """The global sequence length must be a multiple of this (P, or 2P for zigzag)."""
     check_layout(layout)

@@ -24,7 +24,7 @@ def _block_pairs(rank: int, p: int, s_local: int, layout: str, causal: bool, ste
     qpos = global_positions(rank, p, s_local, layout)[blk.q_start:blk.q_start + blk.q_len]
     kpos = global_positions(blk.source, p, s_local, layout)[blk.k_start:blk.k_start + blk.k_len]
     rect = {(int(i), int(j)) for i in qpos for j in kpos}
-    kept = {(i, j) for i, j in rect if not blk.causal or j <= i}
+    kept = {(i, j) for i, j in rect if not blk.band or j <= i}
     return blk, kept, all(j <= i for i, j in rect)
 
 
@@ -41,7 +41,7 @@ def test_blocks_cover_needed_pairs_once(layout: str, causal: bool) -> None:
                 for t in range(p):
                     blk, kept, all_below = _block_pairs(r, p, s_local, layout, causal, t)
                     assert blk.step == t and blk.rank == r
-                    if causal and not blk.skip and not blk.causal:
+                    if causal and not blk.skip and not blk.band:
                         assert all_below, (f"{layout} P={p} r={r} t={t}: a block run without "
                                            "the causal mask holds a masked pair")
                     got += sorted(kept)
@@ -91,12 +91,12 @@ def test_contiguous_skips_blocks_above_diagonal() -> None:
         for r in range(p):
             plan = ring_plan(r, p, "contiguous", True, 4)
             assert [b.skip for b in plan] == [t > r for t in range(p)]
-            assert plan[0].causal and not any(b.causal for b in plan[1:])
+            assert plan[0].band and not any(b.band for b in plan[1:])
 
 
 def test_noncausal_blocks_are_whole() -> None:
     for layout in LAYOUTS:
         for p in WORLDS:
             for b in ring_plan(p - 1, p, layout, False, 4):
-                assert (b.skip, b.causal, b.q_start, b.q_len, b.k_start, b.k_len) == (
+                assert (b.skip, b.band, b.q_start, b.q_len, b.k_start, b.k_len) == (
                     False, False, 0, 4, 0, 4)
