@@ -45,13 +45,15 @@ def resolve_layout(layout: str, window: Optional[tuple[int, int]], world_size: i
     """The concrete layout for `layout`: itself unless "auto". "auto" picks "contiguous"
     when a window lets K/V travel fewer hops than the full ring there, else "zigzag".
 
-    Why: zigzag and striped balance causal work across ranks, but they scatter
-    neighbouring tokens over every rank, so a window rarely skips a whole block there
-    and K/V still visit every rank (P - 1 hops). Contiguous keeps neighbours together:
-    with a window of left tokens, rank r needs K/V only from its ceil(left / S_local)
-    predecessors (and ceil(right / S_local) successors when right > 0, non-causal), and
-    only the last `left` rows of the nearest one; its work is balanced too, since every
-    rank's queries see about `left` keys (except the first `left` tokens of rank 0).
+    Why: zigzag and striped balance plain causal work across ranks, but they scatter
+    neighbouring tokens. Striped interleaves every rank's tokens with every other's, so
+    a window skips no block and K/V still visit every rank (P - 1 hops). Zigzag holds two
+    chunks of S_local / 2 whose neighbours live on ranks r - 1 and r + 1, so a causal
+    window of `left` needs ceil(2 left / S_local) hops in EACH direction. Contiguous
+    keeps S_local neighbours together: ceil(left / S_local) hops forward only (plus
+    ceil(right / S_local) backward for a two-sided window), i.e. half zigzag's messages
+    and bytes or fewer, and its windowed work is balanced too: every query sees at most
+    left + 1 keys wherever it lives (only rank 0's first `left` queries see fewer).
 
     Pure, so the caller shards with the same result: call it once and pass what it
     returns to ring_attn.shard, positions and ring_attention alike."""

@@ -1,27 +1,36 @@
 """Pass-KV ring attention over torch.distributed, forward and backward.
 
-Forward, on every rank r of P, with its query shard Q_r and K/V shard (K_r, V_r):
+Forward, on every rank r of P, with its query shard Q_r and K/V shard (K_r, V_r), over the
+steps of its schedule (schedule.py: step 0 is the own block, then K/V hops along one or
+two streams):
 
-    kv = pack(K_r, V_r)                      # one contiguous buffer, KV heads only (GQA
-    for t in 0 .. P-1:                       # is never expanded on the wire)
-        if t < P-1: post send kv -> r+1, recv next <- r-1     (non-blocking)
-        partial = kernel(Q_r, block of kv per the schedule)   (overlaps the transfer)
+    for each step:
+        post: send the K/V rows the next rank needs, receive the next step's (non-blocking;
+              packed, KV heads only: GQA is never expanded on the wire)
+        partial = kernel(Q_r rows, held K/V rows per the schedule)  (overlaps the transfer)
         merge partial into (out, lse) in the accumulation dtype (float32; float64 for float64)
-        if t < P-1: wait; kv, next = next, kv                  (double buffer)
+        wait; hold what arrived
     return out cast to the input dtype, once
+
+Without a window the schedule is the classic ring: P - 1 hops of whole shards to r + 1.
+With one, K/V travel only as far as some rank's window reaches, and only the rows it
+reaches (contiguous layout, causal, window left: ceil(left / S_local) hops carrying the
+last `left` rows of the nearest shard).
 
 Backward (one autograd.Function; the global out and lse saved by forward make every
 block's probabilities final, so blocks are independent):
 
-    dq = 0 (accumulation dtype, stays home); K/V travel the ring again, prefetched as in
-    forward; the dK/dV accumulator of the K/V shard held at step t travels with it, one
-    step behind: it is received from r-1 while step t computes its partial, the partial
-    is added, and it is sent on to r+1. After P steps each accumulator has visited every
-    rank and one last hop brings it home to its owner.
+    dq = 0 (accumulation dtype, stays home); K/V travel as in forward, prefetched. The own
+    block's dK/dV stay home; each other shard's accumulator starts at its first hop,
+    travels one step behind its K/V (received from the previous rank while this step
+    computes its partial, the partial added, sent on), and when its K/V stop travelling
+    the last rank sends it home to the owner at the end of the stream (for the classic
+    ring: after P - 1 hops, one hop from r - 1 to r).
 
-The schedule (which rows of which block, whether the block needs the causal mask or is
-skipped) is the pure function in schedule.py; the per-step kernel call and merge are in
-block.py, shared with the simulated ring (simulated.py).
+The schedule (which rows of which block, whether the block needs the visibility rule or
+is skipped, which rows go where) is the pure function in schedule.py; the exchanges and
+buffers are in comm.py; the per-step kernel call and merge are in block.py, shared with
+the simulated ring (simulated.py).
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ it is visible. For plain causal attention this gives what the ring always did:
 
 A sliding window (left < S) narrows further: with the contiguous layout rank r's
 queries see only the last `left` keys of rank r-1, and nothing of ranks more than
-ceil(left / S_local) away. Zigzag and striped scatter neighbours across ranks, so a window
-rarely skips anything there (layout.resolve_layout picks the layout).
+ceil(left / S_local) away. Zigzag's chunks have neighbours on both sides (twice the hops),
+striped's on every rank (no skip at all): layout.resolve_layout says which to pick.
 
 Non-finite inputs. A block is skipped or narrowed only when the K/V shard it reads and
 the rank's query rows are finite: torch's math backend masks additively, so a NaN or inf
@@ -161,17 +161,22 @@ def _stream(steps: list[list[Step]], need: dict, p: int, s_local: int, d: int,
     def src(r: int, t: int) -> int:
         return (r - d * t) % p
 
+    @functools.lru_cache(maxsize=None)
     def hold(r: int, t: int) -> Rows:
-        """Rows of shard src(r, t) that r or a rank further down the stream needs."""
+        """Rows of shard src(r, t) that r or a rank further down the stream needs: r's
+        own need and what the next rank holds of the same shard at the next hop."""
         s = src(r, t)
         if t == 0:
             return Rows(s, 0, s_local)
-        blks = [need[(r + d * u) % p, s] for u in range(h - t + 1)]
-        blks = [b for b in blks if not b.skip]
-        if not blks:
+        b = need[r, s]
+        spans = [] if b.skip else [(b.k_start, b.k_start + b.k_len)]
+        if t < h:
+            later = hold((r + d) % p, t + 1)
+            spans += [(later.start, later.start + later.count)] if later.count else []
+        if not spans:
             return Rows(s, 0, 0)
-        lo = min(b.k_start for b in blks)
-        return Rows(s, lo, max(b.k_start + b.k_len for b in blks) - lo)
+        lo = min(a for a, _ in spans)
+        return Rows(s, lo, max(b for _, b in spans) - lo)
 
     def journey_end(s: int) -> int:
         """The last hop at which shard s's K/V (and so its accumulator) still travel."""

@@ -192,6 +192,27 @@ def test_simulated_softcap() -> None:
                          [ref, *_grads(ref, dout, xs)])
 
 
+def test_simulated_window_nonfinite_like_math() -> None:
+    """A NaN/inf outside every window still reaches the output as in torch's math backend
+    on the full sequence (additive masking): the short-hop schedule must then fetch and
+    compute the shard that holds it."""
+    from test_ring_nonfinite import CASES, _compare as compare_nonfinite, _inputs as bad_inputs
+    failures = []
+    for layout in ("contiguous", "zigzag"):
+        for case in CASES:
+            xs, dout = bad_inputs(case, 16)
+            vis = reference_mask(16, True, (2, 0), None, None)
+            x64 = [x.double().requires_grad_() for x in xs]
+            ref = sdpa_reference(*x64, attn_mask=vis)
+            want = [ref, *_grads(ref, dout.double(), x64)]
+            ys = [x.clone().requires_grad_() for x in xs]
+            out = simulated_ring_attention(*ys, world_size=4, layout=layout, is_causal=True,
+                                           window=(2, 0))
+            failures += compare_nonfinite([out, *_grads(out, dout, ys)], want,
+                                          f"{layout} {case}")
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("bad, err, match", [
     (dict(window=(-2, 0)), RuntimeError, "window left must be >= 0"),
     (dict(window=(3, 1.5)), TypeError, "window right must be an int"),
@@ -298,6 +319,27 @@ def _mismatch_case(rank: int, p: int, group, failures: list[str]) -> None:
             failures.append(f"bad window: rank {rank}: {e}")
 
 
+def _nonfinite_case(rank: int, p: int, group, failures: list[str]) -> None:
+    """A NaN key far outside every window (rank 0's first key): math makes every row NaN
+    (NaN + -inf), so every rank must receive and compute rank 0's shard."""
+    from test_ring_nonfinite import _compare as compare_nonfinite
+    s_local = 4
+    s = p * s_local
+    g = torch.Generator().manual_seed(4)
+    q, k, v, dout = _inputs(g, s, 2, 2, torch.float32)
+    k[0, 1, 0, 3] = float("nan")
+    x64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = sdpa_reference(*x64, attn_mask=reference_mask(s, True, (1, 0), None, None))
+    want = [ref, *_grads(ref, dout.double(), x64)]
+    pos = global_positions(rank, p, s_local, "contiguous")
+    ls = [t.index_select(2, pos).contiguous().requires_grad_() for t in (q, k, v)]
+    out = ring_attn.ring_attention(*ls, is_causal=True, group=group, layout="contiguous",
+                                   window=(1, 0))
+    got = [out, *_grads(out, dout.index_select(2, pos), ls)]
+    failures += compare_nonfinite(got, [t.index_select(2, pos) for t in want],
+                                  f"nonfinite P={p} rank {rank}")
+
+
 def _dropout_case(rank: int, p: int, group, failures: list[str]) -> None:
     s_local, window = 6, (4, 0)
     s = p * s_local
@@ -341,6 +383,7 @@ def window_checks(rank: int, world_size: int) -> dict[int, tuple[int, list[str]]
                                failures=failures)
                     n += 1
             _dropout_case(r, p, group, failures)
+            _nonfinite_case(r, p, group, failures)
             _traffic_case(r, p, group, failures)
             if p > 1:
                 _mismatch_case(r, p, group, failures)
