@@ -191,6 +191,8 @@ def _unbits(b: int) -> float:
 
 
 def _show(name: str, value: int) -> str:
+    if name.startswith("window"):
+        return "-1 (unbounded)" if value == -1 else str(value)
     if value == -1:
         return "n/a"
     if name in ("dtype", "attn_mask dtype"):
