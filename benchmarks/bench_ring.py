@@ -144,7 +144,7 @@ def schedule_pairs(rank: int, world: int, layout: str, causal: bool, s_local: in
     for blk in ring_plan(rank, world, layout, causal, s_local):
         if blk.skip:
             pairs.append(0)
-        elif not blk.causal:
+        elif not blk.band:
             pairs.append(blk.q_len * blk.k_len)
         else:
             qp = global_positions(rank, world, s_local, layout).narrow(0, blk.q_start, blk.q_len)

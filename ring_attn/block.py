@@ -2,9 +2,10 @@
 
 The real ring (ring.py) and the in-process simulated ring (simulated.py) both drive these
 two functions, so they share every per-step decision: which rows to narrow to (from the
-schedule), the global positions given to the kernel (they key the causal mask and the
-dropout RNG, so a sharded run masks and drops exactly what one device would), the slice
-of the attention mask, and the merge in the accumulation dtype (float32; float64 for
+schedule), the global positions given to the kernel (they key the band, the documents and
+the dropout RNG, so a sharded run masks and drops exactly what one device would), the
+visibility arguments (causal, window, GLOBAL cu_seqlens, given only to blocks the schedule
+says need them; softcap to every block), the slice of the attention mask, and the merge in the accumulation dtype (float32; float64 for
 float64 inputs, whose kernels return a float64 lse).
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from . import ops
 from .layout import Run, local_runs, narrow_runs, runs_to_positions
 from .merge import acc_dtype, merge_
-from .schedule import BlockStep, ring_plan
+from .schedule import BlockStep, RingPlan, ring_schedule
+from .visibility import Visibility
 
 Tensor = torch.Tensor
 
@@ -35,14 +37,32 @@ class RingSpec:
     seed: Optional[Tensor]      # int64 scalar, the same on every rank; None w/o dropout
     s_local: int
     kv_nonfinite: tuple[bool, ...] = ()  # per rank: its K/V shard may hold NaN/inf
-    rows_nonfinite: bool = False  # this rank's query rows may meet NaN (validate.py)
+    rows_nonfinite: tuple[bool, ...] = ()  # per rank: its query rows may meet NaN
     call: int = 0               # the ring call's number in its group (validate.py)
-    plan: list[BlockStep] = field(init=False, repr=False, compare=False)
+    window: Optional[tuple[int, int]] = None  # (left, right), -1 unbounded
+    softcap: float = 0.0        # 0: off
+    cu_seqlens: Optional[Tensor] = None       # global document boundaries, inputs' device
+    docs: Optional[tuple[int, ...]] = None    # the same as ints (the schedule's copy)
+    schedule: RingPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "plan", ring_plan(self.rank, self.world_size, self.layout,
-                                                   self.is_causal, self.s_local,
-                                                   self.kv_nonfinite, self.rows_nonfinite))
+        object.__setattr__(self, "schedule", ring_schedule(
+            self.rank, self.world_size, self.layout, self.s_local, self.visibility,
+            self.kv_nonfinite, self.rows_nonfinite))
+
+    @property
+    def visibility(self) -> Visibility:
+        return Visibility.of(self.is_causal, self.window, self.docs)
+
+    def kernel_rule(self, band: bool) -> dict:
+        """The visibility arguments of ops.attn_fwd/attn_bwd for a block: all of them when
+        the schedule says some pair of the block may be hidden, none otherwise."""
+        left, right = self.window if self.window is not None else (-1, -1)
+        if not band:
+            return dict(is_causal=False, softcap=self.softcap)
+        return dict(is_causal=self.is_causal, window_left=left, window_right=right,
+                    cu_seqlens_q=self.cu_seqlens, cu_seqlens_k=self.cu_seqlens,
+                    softcap=self.softcap)
 
     def runs(self, rank: int) -> list[Run]:
         return local_runs(rank, self.world_size, self.s_local, self.layout)
@@ -92,8 +112,11 @@ Acc = tuple[Tensor, Tensor]  # (out [B, Hq, S_local, Dv], lse [B, Hq, S_local]),
 
 
 def forward_block(spec: RingSpec, blk: BlockStep, q: Tensor, k: Tensor, v: Tensor,
-                  mask: Optional[Tensor], acc: Optional[Acc]) -> Optional[Acc]:
-    """Attention of the block's queries over the block's keys, merged into acc.
+                  mask: Optional[Tensor], acc: Optional[Acc], k_base: int = 0
+                  ) -> Optional[Acc]:
+    """Attention of the block's queries over the block's keys, merged into acc. k and v
+    hold rows k_base, k_base + 1, ... of the source's shard (a ring may send only the
+    rows a window needs).
 
     acc None starts the accumulators from this block (the schedule's step 0 covers every
     query row). Returns the accumulators (updated in place when given)."""
@@ -101,10 +124,11 @@ def forward_block(spec: RingSpec, blk: BlockStep, q: Tensor, k: Tensor, v: Tenso
         return acc
     b = _block_inputs(spec, blk, mask, q.device)
     wide = q.dtype != torch.float64  # partials in float32; float64 stays float64
+    ks = blk.k_start - k_base
     out, lse = ops.attn_fwd(
-        _rows(q, blk.q_start, blk.q_len), _rows(k, blk.k_start, blk.k_len),
-        _rows(v, blk.k_start, blk.k_len), b.mask, b.q_pos, b.k_pos, b.q_off, b.k_off,
-        blk.causal, spec.scale, spec.dropout_p, spec.seed, wide)
+        _rows(q, blk.q_start, blk.q_len), _rows(k, ks, blk.k_len), _rows(v, ks, blk.k_len),
+        b.mask, b.q_pos, b.k_pos, b.q_off, b.k_off, scale=spec.scale,
+        dropout_p=spec.dropout_p, seed=spec.seed, out_fp32=wide, **spec.kernel_rule(blk.band))
     if acc is None:
         if blk.q_len != q.size(2):
             raise AssertionError("ring_attn: the first block must cover every query row")
@@ -124,18 +148,19 @@ class BlockGrads:
     dk: Tensor
     dv: Tensor
 
-    def add_to(self, dq_acc: Tensor, dk_acc: Tensor, dv_acc: Tensor) -> None:
-        """dq into this rank's dQ; dk/dv into the accumulators of the K/V shard held."""
+    def add_to(self, dq_acc: Tensor, dk_acc: Tensor, dv_acc: Tensor, k_base: int = 0) -> None:
+        """dq into this rank's dQ; dk/dv into the accumulators of the K/V shard held,
+        which hold its rows k_base, k_base + 1, ..."""
         b = self.blk
         _rows(dq_acc, b.q_start, b.q_len).add_(self.dq)
-        _rows(dk_acc, b.k_start, b.k_len).add_(self.dk)
-        _rows(dv_acc, b.k_start, b.k_len).add_(self.dv)
+        _rows(dk_acc, b.k_start - k_base, b.k_len).add_(self.dk)
+        _rows(dv_acc, b.k_start - k_base, b.k_len).add_(self.dv)
 
 
 def backward_block(spec: RingSpec, blk: BlockStep, dout: Tensor, q: Tensor, k: Tensor,
                    v: Tensor, out: Tensor, lse: Tensor,
-                   mask: Optional[Tensor]) -> Optional[BlockGrads]:
-    """The block's gradient partials (None for a skipped block).
+                   mask: Optional[Tensor], k_base: int = 0) -> Optional[BlockGrads]:
+    """The block's gradient partials (None for a skipped block); k, v as in forward_block.
 
     out and lse are this rank's GLOBAL attention output and log-sum-exp (over all keys),
     so each block's probabilities exp(score - lse) are already the final ones and the
@@ -143,10 +168,11 @@ def backward_block(spec: RingSpec, blk: BlockStep, dout: Tensor, q: Tensor, k: T
     if blk.skip:
         return None
     b = _block_inputs(spec, blk, mask, q.device)
-    qs, ql, ks, kl = blk.q_start, blk.q_len, blk.k_start, blk.k_len
+    qs, ql, ks, kl = blk.q_start, blk.q_len, blk.k_start - k_base, blk.k_len
     wide = q.dtype != torch.float64
     dq, dk, dv = ops.attn_bwd(
         _rows(dout, qs, ql), _rows(q, qs, ql), _rows(k, ks, kl), _rows(v, ks, kl),
         _rows(out, qs, ql), _rows(lse, qs, ql), None, b.mask, b.q_pos, b.k_pos, b.q_off,
-        b.k_off, blk.causal, spec.scale, spec.dropout_p, spec.seed, wide)
+        b.k_off, scale=spec.scale, dropout_p=spec.dropout_p, seed=spec.seed,
+        grad_fp32=wide, **spec.kernel_rule(blk.band))
     return BlockGrads(blk, dq, dk, dv)

@@ -40,6 +40,37 @@ def check_layout(layout: str) -> None:
                          f"got {layout!r}")
 
 
+def resolve_layout(layout: str, window: Optional[tuple[int, int]], world_size: int,
+                   seq_len: int, *, is_causal: bool = False) -> str:
+    """The concrete layout for `layout`: itself unless "auto". "auto" picks "contiguous"
+    when a window lets K/V travel fewer hops than the full ring there, else "zigzag".
+
+    Why: zigzag and striped balance plain causal work across ranks, but they scatter
+    neighbouring tokens. Striped interleaves every rank's tokens with every other's, so
+    a window skips no block and K/V still visit every rank (P - 1 hops). Zigzag holds two
+    chunks of S_local / 2 whose neighbours live on ranks r - 1 and r + 1, so a causal
+    window of `left` needs ceil(2 left / S_local) hops in EACH direction. Contiguous
+    keeps S_local neighbours together: ceil(left / S_local) hops forward only (plus
+    ceil(right / S_local) backward for a two-sided window), i.e. half zigzag's messages
+    and bytes or fewer, and its windowed work is balanced too: every query sees at most
+    left + 1 keys wherever it lives (only rank 0's first `left` queries see fewer).
+
+    Pure, so the caller shards with the same result: call it once and pass what it
+    returns to ring_attn.shard, positions and ring_attention alike."""
+    if layout != "auto":
+        check_layout(layout)
+        return layout
+    if window is None or world_size < 2 or seq_len < world_size:
+        return "zigzag"
+    s_local = seq_len // world_size
+    left, right = window
+    right = 0 if is_causal else right
+
+    def hops(bound: int) -> int:
+        return world_size - 1 if bound < 0 else min(world_size - 1, -(-bound // s_local))
+    return "contiguous" if hops(left) + hops(right) < world_size - 1 else "zigzag"
+
+
 def required_multiple(world_size: int, layout: str) -> int:
     """The global sequence length must be a multiple of this (P, or 2P for zigzag)."""
     check_layout(layout)

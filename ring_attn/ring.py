@@ -1,27 +1,36 @@
 """Pass-KV ring attention over torch.distributed, forward and backward.
 
-Forward, on every rank r of P, with its query shard Q_r and K/V shard (K_r, V_r):
+Forward, on every rank r of P, with its query shard Q_r and K/V shard (K_r, V_r), over the
+steps of its schedule (schedule.py: step 0 is the own block, then K/V hops along one or
+two streams):
 
-    kv = pack(K_r, V_r)                      # one contiguous buffer, KV heads only (GQA
-    for t in 0 .. P-1:                       # is never expanded on the wire)
-        if t < P-1: post send kv -> r+1, recv next <- r-1     (non-blocking)
-        partial = kernel(Q_r, block of kv per the schedule)   (overlaps the transfer)
+    for each step:
+        post: send the K/V rows the next rank needs, receive the next step's (non-blocking;
+              packed, KV heads only: GQA is never expanded on the wire)
+        partial = kernel(Q_r rows, held K/V rows per the schedule)  (overlaps the transfer)
         merge partial into (out, lse) in the accumulation dtype (float32; float64 for float64)
-        if t < P-1: wait; kv, next = next, kv                  (double buffer)
+        wait; hold what arrived
     return out cast to the input dtype, once
+
+Without a window the schedule is the classic ring: P - 1 hops of whole shards to r + 1.
+With one, K/V travel only as far as some rank's window reaches, and only the rows it
+reaches (contiguous layout, causal, window left: ceil(left / S_local) hops carrying the
+last `left` rows of the nearest shard).
 
 Backward (one autograd.Function; the global out and lse saved by forward make every
 block's probabilities final, so blocks are independent):
 
-    dq = 0 (accumulation dtype, stays home); K/V travel the ring again, prefetched as in
-    forward; the dK/dV accumulator of the K/V shard held at step t travels with it, one
-    step behind: it is received from r-1 while step t computes its partial, the partial
-    is added, and it is sent on to r+1. After P steps each accumulator has visited every
-    rank and one last hop brings it home to its owner.
+    dq = 0 (accumulation dtype, stays home); K/V travel as in forward, prefetched. The own
+    block's dK/dV stay home; each other shard's accumulator starts at its first hop,
+    travels one step behind its K/V (received from the previous rank while this step
+    computes its partial, the partial added, sent on), and when its K/V stop travelling
+    the last rank sends it home to the owner at the end of the stream (for the classic
+    ring: after P - 1 hops, one hop from r - 1 to r).
 
-The schedule (which rows of which block, whether the block needs the causal mask or is
-skipped) is the pure function in schedule.py; the per-step kernel call and merge are in
-block.py, shared with the simulated ring (simulated.py).
+The schedule (which rows of which block, whether the block needs the visibility rule or
+is skipped, which rows go where) is the pure function in schedule.py; the exchanges and
+buffers are in comm.py; the per-step kernel call and merge are in block.py, shared with
+the simulated ring (simulated.py).
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .block import RingSpec, backward_block, forward_block
-from .comm import DKV_TAG, KV_TAG, RingComm, group_info, pack, unpack
+from .comm import GradTransit, HeldKV, RingComm, group_info
 from .errors import refuse_double_backward
 from .merge import acc_dtype
 from .validate import agree_on_backward, agree_on_inputs, rows_nonfinite
@@ -43,19 +52,12 @@ Tensor = torch.Tensor
 def ring_forward(spec: RingSpec, comm: Optional[RingComm], q: Tensor, k: Tensor, v: Tensor,
                  mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """This rank's attention over the whole ring: (out, lse) in the accumulation dtype."""
-    shapes = [k.shape, v.shape]
-    kv = pack([k, v]) if spec.world_size > 1 else None
-    spare = torch.empty_like(kv) if kv is not None else None
+    held = HeldKV(comm, k, v)
     acc = None
-    for blk in spec.plan:
-        pending = None
-        if blk.step + 1 < spec.world_size:
-            pending = comm.exchange(kv, spare, KV_TAG)
-        kb, vb = (k, v) if kv is None else unpack(kv, shapes)
-        acc = forward_block(spec, blk, q, kb, vb, mask, acc)
-        if pending is not None:
-            pending.wait()
-            kv, spare = spare, kv
+    for st in spec.schedule.steps:
+        pending = held.post(st)  # the next step's K/V, while this step computes
+        acc = forward_block(spec, st.blk, q, *held.kv, mask, acc, st.held.start)
+        held.advance(pending)
     return acc
 
 
@@ -63,52 +65,34 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
                   k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """This rank's shards (dq, dk, dv) of the gradients, in the inputs' dtypes."""
-    p = spec.world_size
     # Every rank must be in the backward of the same call (and none may ask for a double
     # backward) before any K/V moves: raises on every rank otherwise (validate.py).
     if comm is None:
         refuse_double_backward()
     else:
-        rows_flag = rows_nonfinite(q, None, dout, out)
-        if agree_on_backward(comm.info, spec.call, dout, torch.is_grad_enabled(),
-                             rows_flag) and not spec.rows_nonfinite:
+        flags = agree_on_backward(comm.info, spec.call, dout, torch.is_grad_enabled(),
+                                  rows_nonfinite(q, None, dout, out))
+        rows = tuple(a or b for a, b in zip(spec.rows_nonfinite or (False,) * len(flags),
+                                            flags))
+        if rows != spec.rows_nonfinite and any(rows):
             # A non-finite dout or out reaches every key's gradient (0 * NaN): compute
-            # the blocks the forward skipped.
-            spec = dataclasses.replace(spec, rows_nonfinite=True)
-    dt = acc_dtype(q.dtype)
-    shapes = [k.shape, v.shape]
-    dq = torch.zeros(q.shape, dtype=dt, device=q.device)
-    # Two dK/dV buffers alternate: one is sent on while the other receives. Step 0's
-    # starts at zero; every later one is overwritten by a receive.
-    n = k.numel() + v.numel()
-    dkv = [torch.zeros(n, dtype=dt, device=k.device)]
-    dkv.append(torch.empty(n, dtype=dt, device=k.device) if p > 1 else dkv[0])
-    kv = pack([k, v]) if p > 1 else None
-    spare = torch.empty_like(kv) if kv is not None else None
-    pending_dkv = None
-    for blk in spec.plan:
-        pending_kv = None
-        if blk.step + 1 < p:
-            pending_kv = comm.exchange(kv, spare, KV_TAG)
-        kb, vb = (k, v) if kv is None else unpack(kv, shapes)
-        grads = backward_block(spec, blk, dout, q, kb, vb, out, lse, mask)
-        # The accumulator of the K/V shard held now arrived from r-1 while we computed.
-        if pending_dkv is not None:
-            pending_dkv.wait()
-        acc = dkv[blk.step % 2]
-        if grads is not None:
-            grads.add_to(dq, *unpack(acc, shapes))
-        if p > 1:
-            # acc goes on to r+1; the other buffer (its send completed in the wait above)
-            # receives the next accumulator from r-1. After the last step that is the
-            # accumulator of our own K/V shard, home after visiting every rank.
-            pending_dkv = comm.exchange(acc, dkv[(blk.step + 1) % 2], DKV_TAG)
-        if pending_kv is not None:
-            pending_kv.wait()
-            kv, spare = spare, kv
-    if pending_dkv is not None:
-        pending_dkv.wait()
-    dk, dv = unpack(dkv[p % 2], shapes)
+            # the blocks the forward skipped (and bring the K/V they read).
+            spec = dataclasses.replace(spec, rows_nonfinite=rows)
+    dq = torch.zeros(q.shape, dtype=acc_dtype(q.dtype), device=q.device)
+    held = HeldKV(comm, k, v)
+    grads = GradTransit(comm, k, v, dq.dtype)
+    steps = spec.schedule.steps
+    for i, st in enumerate(steps):
+        pending = held.post(st)
+        partial = backward_block(spec, st.blk, dout, q, *held.kv, out, lse, mask,
+                                 st.held.start)
+        dk_acc, dv_acc, first_row = grads.take(st)  # arrived while we computed
+        if partial is not None:
+            partial.add_to(dq, dk_acc, dv_acc, first_row)
+        if comm is not None:
+            grads.pass_on(st, steps[i + 1] if i + 1 < len(steps) else None)
+        held.advance(pending)
+    dk, dv = grads.finish()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -132,7 +116,9 @@ class _RingAttention(torch.autograd.Function):
 def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool = False,
                    scale: Optional[float] = None, attn_mask: Optional[Tensor] = None,
                    dropout_p: float = 0.0, group: Optional[dist.ProcessGroup] = None,
-                   layout: str = "zigzag") -> Tensor:
+                   layout: str = "zigzag", window: Optional[tuple[int, int]] = None,
+                   softcap: Optional[float] = None,
+                   cu_seqlens: Optional[Tensor] = None) -> Tensor:
     """Exact attention over a sequence sharded across the ranks of `group`.
 
     Args:
@@ -153,15 +139,30 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool
         single-device ring_attn.scaled_dot_product_attention output.
       group: the ring's process group (default: the world). gloo for CPU tensors, NCCL
         for CUDA tensors on the current device.
-      layout: "zigzag" (default), "contiguous" or "striped" (see ring_attn.layout).
+      layout: "zigzag" (default), "contiguous", "striped" (see ring_attn.layout) or
+        "auto": ring_attn.layout.resolve_layout("auto", window, P, S, is_causal=is_causal),
+        contiguous when the window lets K/V travel fewer hops, else zigzag. The inputs
+        must be sharded with that same concrete layout: resolve it once with
+        resolve_layout and pass the result to shard / positions / ring_attention.
+      window: (left, right), flash-attn's sliding window on GLOBAL positions: key j is
+        visible to query i iff i - left <= j <= i + right; -1 is unbounded on that side.
+        Combined with is_causal (right bound 0), masks, documents, dropout, GQA. Blocks
+        outside every query's window are skipped; with the contiguous layout K/V travel
+        only ceil(left / S_local) hops (and ceil(right / S_local) the other way), and
+        only the rows the window reaches (see ring_attn.schedule).
+      softcap: Gemma 2's logit soft-capping, scores -> softcap * tanh(score / softcap)
+        before the mask; None (default) is off; else a finite float > 0.
+      cu_seqlens: packed documents: int32/int64 [0, L0, L0 + L1, ..., S], the boundaries
+        of the GLOBAL packed sequence (the same tensor on every rank, on the inputs'
+        device); a token attends only within its document.
 
     Returns this rank's shard [B, Hq, S_local, Dv] of the exact attention output. Its
     backward gives this rank's shards of the exact gradients of sum over ranks of each
     rank's loss (the loss of the whole sequence when each rank's loss covers its shard).
 
     Before any transfer, one all_gather checks that every rank agrees on shapes, dtype,
-    device type, layout, causal, scale, dropout, mask presence and the call's number in
-    the group; a disagreement raises on every rank, naming the rank that differs. The
+    device type, layout, causal, scale, dropout, mask presence, window, softcap,
+    cu_seqlens (length and a 64-bit hash) and the call's number in the group; a disagreement raises on every rank, naming the rank that differs. The
     backward starts with one more small all_gather: ranks in the backwards of different
     calls (a different backward order), or asking for a double backward
     (create_graph=True, not supported), raise on every rank before any K/V moves.
@@ -170,9 +171,11 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool
     """
     info = group_info(group)
     agreed = agree_on_inputs(query, key, value, attn_mask, is_causal=is_causal,
-                             scale=scale, dropout_p=dropout_p, layout=layout, info=info)
-    spec = RingSpec(info.rank, info.world_size, layout, is_causal, agreed.scale,
+                             scale=scale, dropout_p=dropout_p, layout=layout, info=info,
+                             window=window, softcap=softcap, cu_seqlens=cu_seqlens)
+    spec = RingSpec(info.rank, info.world_size, agreed.layout, is_causal, agreed.scale,
                     agreed.dropout_p, agreed.seed, query.size(2), agreed.kv_nonfinite,
-                    agreed.rows_nonfinite, agreed.call)
+                    agreed.rows_nonfinite, agreed.call, agreed.window, agreed.softcap,
+                    cu_seqlens if agreed.docs is not None else None, agreed.docs)
     comm = RingComm(info) if info.world_size > 1 else None
     return _RingAttention.apply(query, key, value, agreed.mask, spec, comm)

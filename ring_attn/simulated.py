@@ -4,8 +4,9 @@
 lets each virtual rank r compute the block the real schedule gives it against the K/V
 shard it would hold (that of rank (r - t) mod P), through the same `forward_block` /
 `backward_block` and merge as ring.py; only the transfers are replaced by indexing.
-The dK/dV partials of each shard are added in the order the real ring adds them (owner
-first, then each next rank), so the numerics match the real ring's.
+The dK/dV partials of each shard are added in the order the real ring adds them (the
+owner's own, then each stream's accumulator summed in hop order), so the numerics match
+the real ring's.
 
 Use it to test the ring's numerics (any P, any layout) without a process group, on CPU
 or CUDA tensors alike, and to measure how the error grows with P.
@@ -21,9 +22,10 @@ import torch
 from .block import RingSpec, backward_block, forward_block
 from .errors import RingAttnError, refuse_double_backward
 from .functional import check_bool, draw_seed, validate_inputs
-from .layout import check_global_length, check_layout, shard_tensor, unshard_tensors
+from .documents import check_cu_seqlens
+from .layout import check_global_length, resolve_layout, shard_tensor, unshard_tensors
 from .merge import acc_dtype
-from .validate import kv_nonfinite, rows_nonfinite
+from .validate import check_softcap, check_window, kv_nonfinite, rows_nonfinite
 
 Tensor = torch.Tensor
 
@@ -48,16 +50,15 @@ class _SimulatedRing(torch.autograd.Function):
         masks = [None if mask is None else
                  mask if mask.size(2) == 1 else shard_tensor(mask, r, p, layout)
                  for r in range(p)]
-        if specs[0].is_causal:
+        if specs[0].visibility.has_rule:
             # Each virtual rank's flags, as validate.py agrees on them in the real ring.
             kv = tuple(bool(kv_nonfinite(ks[r], vs[r])) for r in range(p))
-            specs = [replace(sp, kv_nonfinite=kv,
-                             rows_nonfinite=bool(rows_nonfinite(qs[r], masks[r])))
-                     for r, sp in enumerate(specs)]
+            rows = tuple(bool(rows_nonfinite(qs[r], masks[r])) for r in range(p))
+            specs = [replace(sp, kv_nonfinite=kv, rows_nonfinite=rows) for sp in specs]
         accs: list = [None] * p
-        for t in range(p):
+        for t in range(len(specs[0].schedule.steps)):
             for r in range(p):
-                blk = specs[r].plan[t]
+                blk = specs[r].schedule.steps[t].blk
                 accs[r] = forward_block(specs[r], blk, qs[r], ks[blk.source], vs[blk.source],
                                         masks[r], accs[r])
         outs = [acc[0].to(q.dtype) for acc in accs]
@@ -74,23 +75,39 @@ class _SimulatedRing(torch.autograd.Function):
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (saved[i * p:(i + 1) * p] for i in range(5))
         douts = [shard_tensor(dout, r, p, layout) for r in range(p)]
-        if specs[0].is_causal:  # as ring.py's backward: non-finite dout or out rows
-            specs = [replace(sp, rows_nonfinite=True)
-                     if not sp.rows_nonfinite and bool(rows_nonfinite(qs[r], None, douts[r],
-                                                                      outs[r])) else sp
-                     for r, sp in enumerate(specs)]
+        if specs[0].visibility.has_rule:  # as ring.py's backward: non-finite dout or out
+            bad = [bool(rows_nonfinite(qs[r], None, douts[r], outs[r])) for r in range(p)]
+            rows = tuple(a or b for a, b in zip(specs[0].rows_nonfinite or (False,) * p, bad))
+            if any(bad):
+                specs = [replace(sp, rows_nonfinite=rows) for sp in specs]
         dt = acc_dtype(qs[0].dtype)
         dq = [torch.zeros(x.shape, dtype=dt, device=x.device) for x in qs]
         dk = [torch.zeros(x.shape, dtype=dt, device=x.device) for x in ks]
         dv = [torch.zeros(x.shape, dtype=dt, device=x.device) for x in vs]
-        for t in range(p):
+        # The real ring's order of sums (ring.py, comm.GradTransit): the owner's own
+        # partial; each stream's travelling accumulator (zeros + partials in hop order),
+        # added to the owner's rows when it comes home, forward stream first.
+        trips: dict = {}
+        hops = specs[0].schedule.hops
+        for t in range(len(specs[0].schedule.steps)):
             for r in range(p):
-                blk = specs[r].plan[t]
-                s = blk.source
-                grads = backward_block(specs[r], blk, douts[r], qs[r], ks[s], vs[s], outs[r],
-                                       lses[r], ctx.masks[r])
-                if grads is not None:
+                st = specs[r].schedule.steps[t]
+                s = st.blk.source
+                grads = backward_block(specs[r], st.blk, douts[r], qs[r], ks[s], vs[s],
+                                       outs[r], lses[r], ctx.masks[r])
+                if grads is None:
+                    continue
+                if st.hop == 0:
                     grads.add_to(dq[r], dk[s], dv[s])
+                    continue
+                key = (t > hops[0], s)
+                if key not in trips:
+                    trips[key] = (st.acc, torch.zeros_like(dk[s].narrow(2, 0, st.acc.count)),
+                                  torch.zeros_like(dv[s].narrow(2, 0, st.acc.count)))
+                grads.add_to(dq[r], trips[key][1], trips[key][2], st.acc.start)
+        for (_, s), (rows, tk, tv) in sorted(trips.items(), key=lambda item: item[0]):
+            dk[s].narrow(2, rows.start, rows.count).add_(tk)
+            dv[s].narrow(2, rows.start, rows.count).add_(tv)
         full = [unshard_tensors([g.to(qs[0].dtype) for g in gs], layout) for gs in (dq, dk, dv)]
         return full[0], full[1], full[2], None, None
 
@@ -98,14 +115,18 @@ class _SimulatedRing(torch.autograd.Function):
 def simulated_ring_attention(query: Tensor, key: Tensor, value: Tensor, *, world_size: int,
                              layout: str = "zigzag", is_causal: bool = False,
                              scale: Optional[float] = None, attn_mask: Optional[Tensor] = None,
-                             dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+                             dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+                             window: Optional[tuple[int, int]] = None,
+                             softcap: Optional[float] = None,
+                             cu_seqlens: Optional[Tensor] = None) -> Tensor:
     """Attention of FULL tensors [B, Hq, S, D] / [B, Hk, S, D] / [B, Hk, S, Dv] computed as
     a ring of `world_size` virtual ranks would; returns the full output [B, Hq, S, Dv]
     (differentiable). attn_mask: bool or additive, broadcastable to [B, Hq, S, S].
     Dropout: seed (int64 scalar) defaults to draw_seed(), so with the same
-    torch.manual_seed the output equals ring_attn.scaled_dot_product_attention's."""
-    check_layout(layout)
+    torch.manual_seed the output equals ring_attn.scaled_dot_product_attention's.
+    window, softcap, cu_seqlens (global boundaries) and layout="auto": as ring_attention."""
     check_bool("is_causal", is_causal)
+    window, softcap = check_window(window), check_softcap(softcap)
     dropout_p, scale = validate_inputs(query, key, value, attn_mask, dropout_p, False, scale,
                                        True)
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -117,13 +138,18 @@ def simulated_ring_attention(query: Tensor, key: Tensor, value: Tensor, *, world
     if world_size < 1:
         raise RingAttnError(f"ring_attn: world_size must be >= 1, got {world_size}")
     s = query.size(2)
+    layout = resolve_layout(layout, window, world_size, s, is_causal=is_causal)
     check_global_length(s, world_size, layout)
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1))
     mask = None if attn_mask is None else _mask_4d(attn_mask, query.size(0), query.size(1), s)
     if dropout_p > 0.0 and seed is None:
         seed = draw_seed()
+    docs = None
+    if cu_seqlens is not None:
+        docs = check_cu_seqlens(cu_seqlens, s, "cu_seqlens", query.device)
     specs = [RingSpec(r, world_size, layout, is_causal, scale, dropout_p,
-                      seed if dropout_p > 0.0 else None, s // world_size)
+                      seed if dropout_p > 0.0 else None, s // world_size, window=window,
+                      softcap=softcap, cu_seqlens=cu_seqlens if docs else None, docs=docs)
              for r in range(world_size)]
     return _SimulatedRing.apply(query, key, value, mask, specs)

@@ -25,7 +25,9 @@ gradients; now every rank raises before any K/V moves.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import numbers
 import struct
 import weakref
 from dataclasses import dataclass
@@ -35,11 +37,12 @@ import torch
 import torch.distributed as dist
 
 from .comm import GroupInfo
+from .documents import check_cu_seqlens
 from .errors import (DOUBLE_BACKWARD, RingAttnError, RingAttnException,
-                     RingAttnNotImplementedError)
+                     RingAttnNotImplementedError, RingAttnTypeError)
 from .functional import (_has_kernel, check_bool, check_dropout_p, check_mask_type,
                          check_scale, check_tensor, draw_seed)
-from .layout import LAYOUTS, check_layout
+from .layout import LAYOUTS, check_layout, resolve_layout
 from .merge import acc_dtype
 
 Tensor = torch.Tensor
@@ -52,7 +55,8 @@ _FIELDS = ["ring call number", "batch", "query heads", "key/value heads", "head 
            "value head dim", "query shard length", "key/value shard length", "dtype",
            "device type", "layout",
            "is_causal", "scale", "dropout_p", "attn_mask presence", "attn_mask dtype",
-           "attn_mask key length"]
+           "attn_mask key length", "window left", "window right", "softcap",
+           "cu_seqlens length", "cu_seqlens (64-bit hash of its values)"]
 _MAGIC = 0x52494E47  # "RING": tells our vector from garbage when debugging a hang
 _MAGIC_BWD = 0x52494E42  # "RINB": the backward's vector (same length as the forward's)
 _ROW = 2 + len(_FIELDS) + 3
@@ -96,7 +100,11 @@ class Agreed:
     mask: Optional[Tensor]   # attn_mask as 4-D [B|1, H|1, S_local|1, S]
     call: int                # this call's number in its group, the same on every rank
     kv_nonfinite: tuple[bool, ...]  # per rank: its K/V shard may hold NaN/inf
-    rows_nonfinite: bool     # this rank's queries (or float mask) may hold NaN/+inf
+    rows_nonfinite: tuple[bool, ...]  # per rank: its queries (or float mask) may hold NaN/+inf
+    window: Optional[tuple[int, int]]  # (left, right), -1 unbounded; None: no window
+    softcap: float           # 0.0: off
+    docs: Optional[tuple[int, ...]]  # the global cu_seqlens as ints
+    layout: str              # the concrete layout ("auto" resolved)
 
 
 class RingInputError(RingAttnError):
@@ -134,6 +142,46 @@ def rows_nonfinite(q: Tensor, mask: Optional[Tensor] = None, *more: Tensor) -> T
     return bad
 
 
+def check_window(window: object) -> Optional[tuple[int, int]]:
+    """window = (left, right) of Python ints >= -1 (-1: unbounded on that side), or None.
+    A non-int is a TypeError, a bound below -1 a RuntimeError (as the kernels' checks)."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise RingAttnTypeError(f"ring_attn: window must be None or a pair (left, right) of "
+                                f"ints, got {type(window).__name__} {window!r}")
+    for side, x in zip(("left", "right"), window):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise RingAttnTypeError(f"ring_attn: window {side} must be an int (>= 0, or -1 "
+                                    f"for unbounded), got {type(x).__name__} {x!r}")
+        if x < -1:
+            raise RingAttnError(f"ring_attn: window {side} must be >= 0, or -1 for "
+                                f"unbounded, got {int(x)}")
+    return int(window[0]), int(window[1])
+
+
+def check_softcap(softcap: object) -> float:
+    """softcap: None (off) or a finite real number > 0; returned as a float (0.0: off)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise RingAttnTypeError(f"ring_attn: softcap must be None or a float > 0, got "
+                                f"{type(softcap).__name__} {softcap!r}")
+    if not math.isfinite(float(softcap)) or float(softcap) <= 0.0:
+        raise RingAttnError(f"ring_attn: softcap must be a finite float > 0 (None: off), "
+                            f"got {float(softcap)!r}")
+    return float(softcap)
+
+
+def _fingerprint(docs: Optional[tuple[int, ...]]) -> list[int]:
+    """[length, 64-bit hash of the values] of cu_seqlens ([-2, 0] for None): what ranks
+    compare to agree on the document boundaries without sending them."""
+    if docs is None:
+        return [-2, 0]
+    h = hashlib.blake2b(struct.pack(f"<{len(docs)}q", *docs), digest_size=8).digest()
+    return [len(docs), struct.unpack("<q", h)[0]]
+
+
 def _bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
@@ -143,18 +191,24 @@ def _unbits(b: int) -> float:
 
 
 def _show(name: str, value: int) -> str:
+    if name.startswith("window"):
+        return "-1 (unbounded)" if value == -1 else str(value)
     if value == -1:
         return "n/a"
     if name in ("dtype", "attn_mask dtype"):
         return str(_DTYPES[value]) if 0 <= value < len(_DTYPES) else "?"
+    if name == "cu_seqlens length" and value == -2:
+        return "None"
     if name == "device type":
         return _DEVICES[value] if 0 <= value < len(_DEVICES) else "?"
     if name == "layout":
         return repr(LAYOUTS[value]) if 0 <= value < len(LAYOUTS) else "?"
     if name in ("is_causal", "attn_mask presence"):
         return str(bool(value))
-    if name in ("scale", "dropout_p"):
+    if name in ("scale", "dropout_p", "softcap"):
         return repr(_unbits(value))
+    if name.startswith("cu_seqlens ("):
+        return f"{value & (2**64 - 1):#018x}"
     return str(value)
 
 
@@ -178,7 +232,8 @@ def _local_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_
                  scale: Optional[float], dropout_p: float, layout: str,
                  info: GroupInfo) -> tuple[Optional[Tensor], float, float]:
     """Raise on inputs this rank alone can tell are wrong, with the exception types of
-    ring_attn.scaled_dot_product_attention (torch's); return (4-D mask, scale, dropout_p)."""
+    ring_attn.scaled_dot_product_attention (torch's); return (4-D mask, scale, dropout_p).
+    (window, softcap and cu_seqlens: check_window, check_softcap, check_cu_seqlens.)"""
     check_layout(layout)
     for name, t in (("query", q), ("key", k), ("value", v)):
         check_tensor(name, t)
@@ -244,12 +299,15 @@ def _local_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_
 
 
 def _describe(call: int, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
-              is_causal: bool, scale: float, dropout_p: float, layout: str) -> list[int]:
+              is_causal: bool, scale: float, dropout_p: float, layout: str,
+              window: Optional[tuple[int, int]], softcap: float,
+              docs: Optional[tuple[int, ...]]) -> list[int]:
     return [call, q.size(0), q.size(1), k.size(1), q.size(3), v.size(3), q.size(2), k.size(2),
             _DTYPES.index(q.dtype), _DEVICES.index(q.device.type), LAYOUTS.index(layout),
             int(bool(is_causal)), _bits(scale), _bits(dropout_p), int(mask is not None),
             _DTYPES.index(mask.dtype) if mask is not None else -1,
-            mask.size(-1) if mask is not None else -1]
+            mask.size(-1) if mask is not None else -1,
+            *(window if window is not None else (-1, -1)), _bits(softcap), *_fingerprint(docs)]
 
 
 def _wire_device(info: GroupInfo) -> torch.device:
@@ -304,19 +362,30 @@ def _check_equal(rows: list[list[int]], names: list[str], show) -> None:
 
 def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
                     is_causal: bool, scale: Optional[float], dropout_p: float, layout: str,
-                    info: GroupInfo) -> Agreed:
+                    info: GroupInfo, window: object = None, softcap: object = None,
+                    cu_seqlens: object = None) -> Agreed:
     """Check this rank's inputs and that every rank of the group agrees; raise on every
     rank otherwise (RingInputError, a RuntimeError; the rank at fault raises its own
     error's type). Returns the agreed scale, seed, mask, call number and K/V flags."""
     call = _next_call(info)  # advanced on every call, whatever happens, on every rank
     error: Optional[BaseException] = None
-    mask4, flags = None, None
+    mask4, flags, docs = None, None, None
     try:
+        window = check_window(window)
+        if layout == "auto":
+            layout = resolve_layout(layout, window, info.world_size,
+                                    q.size(2) * info.world_size if isinstance(q, Tensor) and
+                                    q.dim() == 4 else 0, is_causal=is_causal is True)
         mask4, scale, dropout_p = _local_check(q, k, v, mask, is_causal=is_causal,
                                                scale=scale, dropout_p=dropout_p,
                                                layout=layout, info=info)
+        softcap = check_softcap(softcap)
+        if cu_seqlens is not None:
+            docs = check_cu_seqlens(cu_seqlens, q.size(2) * info.world_size, "cu_seqlens",
+                                    q.device)
         fields = _describe(call, q, k, v, mask, is_causal=is_causal, scale=scale,
-                           dropout_p=dropout_p, layout=layout)
+                           dropout_p=dropout_p, layout=layout, window=window,
+                           softcap=softcap, docs=docs)
         flags = torch.stack([kv_nonfinite(k, v), rows_nonfinite(q, mask)])
     except (RingAttnException, TypeError, ValueError, IndexError, NotImplementedError) as e:
         # (ValueError: layout.py's checks of the layout and the shard length.)
@@ -347,18 +416,20 @@ def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
     _check_equal(rows, _FIELDS, _show)
     seed_t = torch.tensor(rows[0][-3], dtype=torch.int64) if dropout_p > 0.0 else None
     return Agreed(float(scale), dropout_p, seed_t, mask4, call,
-                  tuple(bool(row[-2]) for row in rows), bool(rows[info.rank][-1]))
+                  tuple(bool(row[-2]) for row in rows), tuple(bool(row[-1]) for row in rows),
+                  window, softcap, docs, layout)
 
 
 def agree_on_backward(info: GroupInfo, call: int, dout: Tensor, create_graph: bool,
-                      rows_flag: Tensor) -> bool:
+                      rows_flag: Tensor) -> tuple[bool, ...]:
     """Start of a ring backward: one small all_gather (a vector of the forward's length,
     so a rank still in a forward pairs with it safely) checks that every rank is in the
     backward of the same ring call, with dout of the same shape and dtype, and that none
     asks for a double backward. Raises on every rank otherwise, before any K/V moves.
-    Cost: one all_gather of 22 int64 per backward (about 0.1 ms on gloo) and, on NCCL,
+    Cost: one all_gather of 27 int64 per backward (about 0.1 ms on gloo) and, on NCCL,
     the host sync of reading it back. rows_flag (0-D, rows_nonfinite of this rank's q,
-    dout, out) rides in the last slot; returns it as a bool, read with the same sync."""
+    dout, out) rides in the last slot; returns every rank's, read with the same sync (a
+    rank's non-finite rows make every rank send it the K/V it would otherwise skip)."""
     fields = [call, int(create_graph), *dout.shape, _DTYPES.index(dout.dtype)]
     row = [_MAGIC_BWD, int(create_graph), *fields]
     rows = _gather(row + [0] * (_ROW - len(row)), info, rows_flag.reshape(1))
@@ -373,4 +444,4 @@ def agree_on_backward(info: GroupInfo, call: int, dout: Tensor, create_graph: bo
     def show(name: str, value: int) -> str:
         return _show("dtype", value) if name == "dout dtype" else str(value)
     _check_equal(rows, _BWD_FIELDS, show)
-    return bool(rows[info.rank][-1])
+    return tuple(bool(row[-1]) for row in rows)

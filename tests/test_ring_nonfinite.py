@@ -80,12 +80,12 @@ def test_schedule_computes_blocks_of_nonfinite_shards() -> None:
                             assert a == b
                         else:
                             assert (b.skip, b.q_start, b.q_len, b.k_start, b.k_len,
-                                    b.causal) == (False, 0, 4, 0, 4, True), (layout, b)
+                                    b.band) == (False, 0, 4, 0, 4, True), (layout, b)
                 # Non-finite query rows: every block of the rank whole, causal.
                 for rank in range(p):
                     for b in ring_plan(rank, p, layout, True, 4, rows_nonfinite=True):
                         assert (b.skip, b.q_start, b.q_len, b.k_start, b.k_len,
-                                b.causal) == (False, 0, 4, 0, 4, True), (layout, b)
+                                b.band) == (False, 0, 4, 0, 4, True), (layout, b)
 
 
 def _check_simulated(device: str) -> None:
