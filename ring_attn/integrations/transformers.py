@@ -29,10 +29,14 @@ does, and what this module does instead:
     `num_items_in_batch`, so each rank's loss is its share of the full-sequence loss and
     the sum over ranks is the single-process loss.
 
+  * Sliding windows and soft-capping: a layer's sliding_window W (Mistral, Gemma 2/3, ...)
+    reaches the kernel as window (W - 1, 0) on global positions, and softcap (Gemma 2's
+    attn_logit_softcapping) as softcap; the mask hook checks that transformers' mask
+    function is exactly the windowed causal one before it drops it.
+
 Refused with an error rather than computed differently: a KV cache holding earlier tokens
-(decoding; a fresh cache in a training forward is fine), sliding-window layers whose window
-is shorter than the sequence (ring_attn's kernels have no window yet), attention logit
-soft-capping (Gemma 2), attention sinks (gpt-oss's s_aux), attention-weight outputs, position biases, bidirectional or custom
+(decoding; a fresh cache in a training forward is fine), chunked attention (Llama 4),
+attention sinks (gpt-oss's s_aux), unknown tensor arguments, attention-weight outputs, position biases, bidirectional or custom
 mask functions (packed sequences, token-type overlays, chunked attention), 4-D masks whose
 key dimension is not the full sequence.
 
@@ -84,6 +88,26 @@ def _full_key_mask(attention_mask: Tensor, s_local: int, group: Any, layout: str
     return unshard_tensors(parts, layout, dim=1).to(torch.bool)
 
 
+def _is_sliding_window_causal(mask_function: Callable, window: int) -> bool:
+    """Whether transformers' index-based mask function is exactly causal with a sliding
+    window of `window` keys (key j kept for query i iff i - window < j <= i), probed on
+    the queries where it could differ: its closures are opaque (sliding-window and chunked
+    masks both arrive with local_size set), and a packed-sequence or overlay composition
+    must not pass for a plain window. The window itself reaches the kernel through the
+    attention call's sliding_window argument."""
+    w = int(window)
+    rows = torch.tensor(sorted({0, 1, w - 1, w, w + 1, 2 * w, 2 * w + 1}), dtype=torch.long)
+    cols = torch.arange(2 * w + 2, dtype=torch.long)
+    q, k = rows[:, None], cols[None, :]
+    zero = torch.zeros((), dtype=torch.long)
+    try:
+        got = mask_function(zero, zero, q, k)
+    except Exception:  # noqa: BLE001  (not index-based: not the plain window)
+        return False
+    want = (k <= q) & (k > q - w)
+    return isinstance(got, Tensor) and got.shape == want.shape and bool((got == want).all())
+
+
 def _make_mask_function(group: Any, layout: str) -> Callable[..., Optional[Tensor]]:
     def ring_key_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0,
                       kv_offset: int = 0, mask_function: Callable = causal_mask_function,
@@ -99,23 +123,18 @@ def _make_mask_function(group: Any, layout: str) -> Callable[..., Optional[Tenso
                 f"ring_attn: transformers sizes the mask for {kv_length} keys and {q_length} "
                 "queries per rank: a KV cache with earlier tokens (past_key_values, decoding) "
                 "cannot be used with sequence shards; run with use_cache=False or an empty cache")
-        window_noop = local_size is not None and not use_vmap and s <= local_size
-        if mask_function is not causal_mask_function and not window_noop:
+        sliding = (local_size is not None and not use_vmap
+                   and _is_sliding_window_causal(mask_function, local_size))
+        if mask_function is not causal_mask_function and not sliding:
             name = type(config).__name__ if config is not None else "the model's config"
-            if local_size is not None and not use_vmap:
-                raise NotImplementedError(
-                    f"ring_attn: {name} asks for a local attention window of {local_size} "
-                    f"tokens (sliding_window / attention_chunk_size) on a {s}-token sequence; "
-                    "ring_attn's kernels have no window yet, and full causal attention would "
-                    "give different results. Use sequences of at most the window, or another "
-                    "attn_implementation for this model")
             raise NotImplementedError(
-                f"ring_attn: {name} asks transformers for a mask other than causal + key "
-                f"padding (mask function {getattr(mask_function, '__name__', mask_function)!r}:"
-                " packed sequences detected from position_ids, a bidirectional model, or a "
-                "token-type overlay); the ring computes causal attention with key padding "
-                "only. For packed-looking position_ids, pass attention_mask (shard_batch and "
-                "prepare_model do)")
+                f"ring_attn: {name} asks transformers for a mask other than causal, sliding-"
+                f"window causal and key padding (mask function "
+                f"{getattr(mask_function, '__name__', mask_function)!r}: chunked attention, "
+                "packed sequences detected from position_ids, a bidirectional model, or a "
+                "token-type overlay); the ring computes (windowed) causal attention with key "
+                "padding only. For packed-looking position_ids, pass attention_mask "
+                "(shard_batch and prepare_model do)")
         if attention_mask is None:
             return None
         full = _full_key_mask(attention_mask, q_length, group, layout)
@@ -139,6 +158,30 @@ def _ring_outside_graph(*args: Any, **kwargs: Any) -> Tensor:
     No break at all would need the ring as one opaque custom op (fwd + bwd ops taking the
     group by name), which belongs in ring.py."""
     return ring_attention(*args, **kwargs)
+
+
+def _layer_window(module: torch.nn.Module, passed: Optional[int], where: str) -> Optional[int]:
+    """The layer's sliding window. Most models pass sliding_window to the attention
+    function; some (Qwen2-MoE, PhiMoE, ... in transformers 5.24) build a sliding-window
+    mask but pass nothing, which the SDPA path honours through the mask and this
+    integration would silently drop. So the window also comes from the module or the
+    config's layer_types, and a config with a window that cannot be placed is refused."""
+    if passed is not None:
+        return int(passed)
+    if getattr(module, "sliding_window", None) is not None:
+        return int(module.sliding_window)
+    cfg = getattr(module, "config", None)
+    cfg_window = getattr(cfg, "sliding_window", None)
+    if cfg_window is None or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    idx = getattr(module, "layer_idx", None)
+    if types is not None and idx is not None and idx < len(types):
+        return int(cfg_window) if types[idx] == "sliding_attention" else None
+    raise NotImplementedError(
+        f"{where}: the config sets sliding_window={cfg_window} but transformers passed no "
+        "window to the attention function and the layer's type is unknown; ring_attn "
+        "cannot tell whether this layer is windowed")
 
 
 # Tensor arguments transformers passes down to the attention function that do not change
@@ -166,15 +209,11 @@ def _make_attention_function(group: Any, layout: str) -> Callable[..., tuple[Ten
                 f"{where}: key/value hold {key.shape[2]} tokens but query {s_local}: a KV cache "
                 "with earlier tokens (past_key_values, decoding) cannot be used with sequence "
                 "shards; run with use_cache=False or an empty cache")
-        window = kwargs.get("sliding_window")
-        if window is not None and s > window:
-            raise NotImplementedError(
-                f"{where}: sliding_window={window} is shorter than the {s}-token sequence; "
-                "ring_attn's kernels have no window yet and full causal attention would give "
-                "different results")
-        if kwargs.get("softcap") is not None:
-            raise NotImplementedError(f"{where}: attention logit soft-capping (softcap="
-                                      f"{kwargs['softcap']}) is not supported by ring_attn")
+        window = _layer_window(module, kwargs.get("sliding_window"), where)
+        # transformers' sliding window W keeps i - W < j <= i (its flash path passes
+        # window_size=(W - 1, W - 1) with causal): flash-attn's left bound W - 1.
+        window = None if window is None or window >= s else (int(window) - 1, 0)
+        softcap = kwargs.get("softcap")
         for name in ("s_aux", "sinks"):
             if kwargs.get(name) is not None:
                 # gpt-oss's learned per-head sinks join each row's softmax denominator;
@@ -208,7 +247,8 @@ def _make_attention_function(group: Any, layout: str) -> Callable[..., tuple[Ten
                 f"global order, got shape {tuple(attention_mask.shape)}{hint}")
         out = _ring_outside_graph(query, key, value, is_causal=True, scale=scaling,
                                   attn_mask=attention_mask, dropout_p=float(dropout),
-                                  group=group, layout=layout)
+                                  group=group, layout=layout, window=window,
+                                  softcap=softcap)
         return out.transpose(1, 2).contiguous(), None
     return ring_attention_forward
 
