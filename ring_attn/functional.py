@@ -21,6 +21,7 @@ softcap * tanh(score / softcap) before the mask.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -91,14 +92,16 @@ def check_scale(value: object) -> Optional[float]:
     return float(value)
 
 
-def check_window(window: object) -> tuple[int, int]:
-    """window as (left, right) ints, flash-attn's convention: -1 is unbounded on that side,
-    None is no window. A non-pair or non-int element is a TypeError (as torch's parser
-    raises for a wrong type); a bound below -1 a RingAttnError."""
+def check_window(window: object) -> Optional[tuple[int, int]]:
+    """window as (left, right) ints, flash-attn's convention: -1 is unbounded on that side;
+    None is no window (returned as None). A non-pair or non-int element is a TypeError (as
+    torch's parser raises for a wrong type); a bound below -1 a RingAttnError. The one
+    check of every entry point (one device, the ring, the simulated ring)."""
     if window is None:
-        return -1, -1
+        return None
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool)
+                       for w in window)):
         raise RingAttnTypeError("ring_attn: window must be None or a pair of ints (left, right), "
                                 f"-1 for unbounded, got {type(window).__name__} {window!r}")
     for side, w in zip(("left", "right"), window):
@@ -295,7 +298,7 @@ def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Te
     """The one single-device implementation behind both entry points."""
     dropout_p, scale = validate_inputs(query, key, value, attn_mask, dropout_p, is_causal,
                                        scale, enable_gqa)
-    left, right = check_window(window)
+    left, right = check_window(window) or (-1, -1)
     softcap = check_softcap(softcap)
     batch = _batch_shape(query, key, value)
     e = query.shape[-1]

@@ -151,7 +151,7 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool
         only ceil(left / S_local) hops (and ceil(right / S_local) the other way), and
         only the rows the window reaches (see ring_attn.schedule).
       softcap: Gemma 2's logit soft-capping, scores -> softcap * tanh(score / softcap)
-        before the mask; None (default) is off; else a finite float > 0.
+        before the mask; None or 0 (default None) is off; else a finite float > 0.
       cu_seqlens: packed documents: int32/int64 [0, L0, L0 + L1, ..., S], the boundaries
         of the GLOBAL packed sequence (the same tensor on every rank, on the inputs'
         device); a token attends only within its document.

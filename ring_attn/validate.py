@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import struct
 import weakref
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from .documents import check_cu_seqlens
 from .errors import (DOUBLE_BACKWARD, RingAttnError, RingAttnException,
                      RingAttnNotImplementedError, RingAttnTypeError)
 from .functional import (_has_kernel, check_bool, check_dropout_p, check_mask_type,
+                         check_softcap, check_window,
                          check_scale, check_tensor, draw_seed)
 from .layout import LAYOUTS, check_layout, resolve_layout
 from .merge import acc_dtype
@@ -140,37 +140,6 @@ def rows_nonfinite(q: Tensor, mask: Optional[Tensor] = None, *more: Tensor) -> T
         # One pass: amax propagates NaN and is +inf iff an entry is +inf.
         bad = bad | (mask.amax() < float("inf")).logical_not()
     return bad
-
-
-def check_window(window: object) -> Optional[tuple[int, int]]:
-    """window = (left, right) of Python ints >= -1 (-1: unbounded on that side), or None.
-    A non-int is a TypeError, a bound below -1 a RuntimeError (as the kernels' checks)."""
-    if window is None:
-        return None
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise RingAttnTypeError(f"ring_attn: window must be None or a pair (left, right) of "
-                                f"ints, got {type(window).__name__} {window!r}")
-    for side, x in zip(("left", "right"), window):
-        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-            raise RingAttnTypeError(f"ring_attn: window {side} must be an int (>= 0, or -1 "
-                                    f"for unbounded), got {type(x).__name__} {x!r}")
-        if x < -1:
-            raise RingAttnError(f"ring_attn: window {side} must be >= 0, or -1 for "
-                                f"unbounded, got {int(x)}")
-    return int(window[0]), int(window[1])
-
-
-def check_softcap(softcap: object) -> float:
-    """softcap: None (off) or a finite real number > 0; returned as a float (0.0: off)."""
-    if softcap is None:
-        return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise RingAttnTypeError(f"ring_attn: softcap must be None or a float > 0, got "
-                                f"{type(softcap).__name__} {softcap!r}")
-    if not math.isfinite(float(softcap)) or float(softcap) <= 0.0:
-        raise RingAttnError(f"ring_attn: softcap must be a finite float > 0 (None: off), "
-                            f"got {float(softcap)!r}")
-    return float(softcap)
 
 
 def _fingerprint(docs: Optional[tuple[int, ...]]) -> list[int]:

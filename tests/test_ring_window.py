@@ -214,10 +214,10 @@ def test_simulated_window_nonfinite_like_math() -> None:
 
 
 @pytest.mark.parametrize("bad, err, match", [
-    (dict(window=(-2, 0)), RuntimeError, "window left must be >= 0"),
-    (dict(window=(3, 1.5)), TypeError, "window right must be an int"),
+    (dict(window=(-2, 0)), RuntimeError, "window left bound must be >= 0"),
+    (dict(window=(3, 1.5)), TypeError, "pair of ints"),
     (dict(window=3), TypeError, "pair"),
-    (dict(softcap=0.0), RuntimeError, "softcap must be a finite float > 0"),
+    (dict(softcap=-1.0), RuntimeError, "softcap must be finite and > 0"),
     (dict(softcap=float("inf")), RuntimeError, "softcap"),
     (dict(cu_seqlens=torch.tensor([0, 5, 3, 8])), RuntimeError, "non-decreasing"),
     (dict(cu_seqlens=torch.tensor([0, 5])), RuntimeError, "must end at the token count 8"),
@@ -314,7 +314,7 @@ def _mismatch_case(rank: int, p: int, group, failures: list[str]) -> None:
                                  window=(-3, 0) if rank == 0 else (2, 0))
         failures.append(f"bad window: rank {rank} did not raise")
     except RuntimeError as e:
-        want = "window left must be >= 0" if rank == 0 else "rank(s) [0] rejected"
+        want = "window left bound must be >= 0" if rank == 0 else "rank(s) [0] rejected"
         if want not in str(e):
             failures.append(f"bad window: rank {rank}: {e}")
 
