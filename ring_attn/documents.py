@@ -17,11 +17,11 @@ from .errors import RingAttnError, RingAttnTypeError
 Tensor = torch.Tensor
 
 
-def check_cu_seqlens(cu: object, total: int, name: str = "cu_seqlens",
+def check_cu_seqlens(cu: object, total: Optional[int], name: str = "cu_seqlens",
                      device: Optional[torch.device] = None) -> tuple[int, ...]:
-    """Validates cu_seqlens for `total` packed tokens and returns it as a tuple of ints
-    (one host copy: a sync on CUDA, once per call). device: where it must live (the
-    inputs' device), None for anywhere."""
+    """Validates cu_seqlens for `total` packed tokens (None: any total) and returns it as
+    a tuple of ints (one host copy: a sync on CUDA, once per call). device: where it must
+    live (the inputs' device), None for anywhere."""
     if not isinstance(cu, Tensor):
         raise RingAttnTypeError(f"ring_attn: {name} must be a Tensor, got {type(cu).__name__}")
     if cu.dtype not in (torch.int32, torch.int64):
@@ -39,7 +39,7 @@ def check_cu_seqlens(cu: object, total: int, name: str = "cu_seqlens",
         if values[d] < values[d - 1]:
             raise RingAttnError(f"ring_attn: {name} must be non-decreasing, got "
                                 f"{name}[{d - 1}] = {values[d - 1]} > {name}[{d}] = {values[d]}")
-    if values[-1] != total:
+    if total is not None and values[-1] != total:
         raise RingAttnError(f"ring_attn: {name} must end at the token count {total}, got "
                             f"{values[-1]}")
     return values
