@@ -50,35 +50,105 @@ except ImportError:  # a source checkout without `pip install -e .`: use the tre
     sys.path.insert(0, os.path.dirname(HERE))
     import ring_attn
 from bench_local import cpu_model, time_cpu_pair  # noqa: E402
+from ring_attn import ops  # noqa: E402
+from ring_attn.layout import global_positions, shard_tensor  # noqa: E402
 from ring_attn.packing import balance, example_mixes  # noqa: E402
 from ring_attn.varlen import varlen_attention  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def tile_fractions(cu: tuple[int, ...], q_block: int = 64, k_block: int = 512,
-                   is_causal: bool = True) -> tuple[float, float, float]:
-    """(skipped, full, partial) fractions of the [S/q_block] x [S/k_block] tiles, by
-    visibility.h's classify_tile on contiguous positions 0..S-1 and their documents."""
-    s = cu[-1]
-    doc = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.tensor(cu).diff())
+def tile_areas(q_pos: torch.Tensor, k_pos: torch.Tensor, cu: tuple[int, ...],
+               q_block: int = 64, k_block: int = 512, is_causal: bool = True
+               ) -> tuple[int, int, int]:
+    """(skipped, full, partial) score elements of one kernel call on queries / keys at
+    global positions q_pos / k_pos (local order; >= T: padding, in no document), tiled
+    q_block x k_block in local order as the CPU forward kernel tiles them, each tile
+    classified by visibility.h's classify_tile from the min/max of its positions and
+    documents. Only partial tiles are masked element-wise; full and partial ones cost
+    the same matrix products."""
+    cu_t = torch.tensor(cu)
+    t = cu[-1]
 
-    def spans(block: int) -> tuple[torch.Tensor, ...]:
-        starts = torch.arange(0, s, block)
-        ends = torch.clamp(starts + block, max=s) - 1  # inclusive
-        return starts, ends, doc[starts], doc[ends]  # documents are monotone in position
+    def spans(pos: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
+        doc = torch.searchsorted(cu_t, pos, right=True) - 1
+        doc = torch.where(pos >= t, torch.full_like(doc, -1), doc)
+        n = -(-pos.numel() // block)
+        pad = n * block - pos.numel()
+        tiles = [torch.cat([x, x[-1:].expand(pad)]).view(n, block) for x in (pos, doc)]
+        size = torch.full((n,), block)
+        size[-1] -= pad
+        return (tiles[0].amin(1), tiles[0].amax(1), tiles[1].amin(1), tiles[1].amax(1),
+                size)
 
-    qlo, qhi, qdlo, qdhi = (t[:, None] for t in spans(q_block))
-    klo, khi, kdlo, kdhi = (t[None, :] for t in spans(k_block))
-    skip = (kdlo > qdhi) | (kdhi < qdlo)
+    if q_pos.numel() == 0 or k_pos.numel() == 0:
+        return 0, 0, 0
+    qlo, qhi, qdlo, qdhi, qn = (x[:, None] for x in spans(q_pos, q_block))
+    klo, khi, kdlo, kdhi, kn = (x[None, :] for x in spans(k_pos, k_block))
+    skip = (qdhi < 0) | (kdhi < 0) | (kdlo > qdhi) | (kdhi < qdlo)
     full = (qdlo == qdhi) & (kdlo == kdhi) & (qdlo == kdlo)
     if is_causal:
         skip = skip | (klo > qhi)
         full = full & (khi <= qlo)
     full = full & ~skip
-    n = skip.numel()
-    return (float(skip.sum()) / n, float(full.sum()) / n,
-            float((~skip & ~full).sum()) / n)
+    area = qn * kn
+    return (int((area * skip).sum()), int((area * full).sum()),
+            int((area * (~skip & ~full)).sum()))
+
+
+def tile_fractions(cu: tuple[int, ...]) -> tuple[float, float, float]:
+    """varlen_attention's one call on the whole pack: fractions of the S x S scores in
+    skipped, full and partial 64 x 512 tiles."""
+    pos = torch.arange(cu[-1])
+    areas = tile_areas(pos, pos, cu)
+    return tuple(a / max(1, sum(areas)) for a in areas)
+
+
+def ring_tile_area(cu: tuple[int, ...], p: int, layout: str) -> list[int]:
+    """Per rank, the score elements its ring blocks compute (non-skipped 64 x 512 tiles of
+    its queries against every rank's keys)."""
+    s_local = -(-cu[-1] // p)
+    kw = {} if layout == "contiguous" else {"cu_seqlens": cu}
+    pos = [global_positions(r, p, s_local, layout, **kw) for r in range(p)]
+    return [sum(sum(tile_areas(pos[r], pos[s], cu)[1:]) for s in range(p)) for r in range(p)]
+
+
+def rank_compute_ms(cu: tuple[int, ...], p: int, layout: str, q: torch.Tensor,
+                    k: torch.Tensor, v: torch.Tensor, reps: int) -> list[float]:
+    """Measured per-rank compute of the pass-KV ring without a process group: rank r's
+    query shard against every rank's K/V shard, one kernel call each, with the kernel
+    positions of the layout and the documents (the calls the ring makes; blocks or tiles
+    with nothing visible are skipped by the kernel's classification). One
+    thread, and the calling thread's CPU time (time.thread_time), best of `reps` per rank,
+    ms: on a shared machine wall time counts other jobs' time slices, thread CPU time
+    does not. q, k, v: [1, H, S, D]."""
+    cu_t = torch.tensor(cu)
+    s = cu[-1]
+    s_local = -(-s // p)
+    kw = {} if layout == "contiguous" else {"cu_seqlens": cu}
+    pos = [global_positions(r, p, s_local, layout, **kw) for r in range(p)]
+    if layout == "contiguous":
+        assert s % p == 0, "the contiguous figures need S divisible by P"
+    shards = [[shard_tensor(x, r, p, layout, 2, **kw).contiguous() for r in range(p)]
+              for x in (q, k, v)]
+    scale = q.shape[-1] ** -0.5
+    times = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for r in range(p):
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.thread_time()
+                for src in range(p):
+                    ops.attn_fwd(shards[0][r], shards[1][src], shards[2][src], None, pos[r],
+                                 pos[src], is_causal=True, scale=scale, cu_seqlens_q=cu_t,
+                                 cu_seqlens_k=cu_t)
+                best = min(best, (time.thread_time() - t0) * 1e3)
+            times.append(best)
+    finally:
+        torch.set_num_threads(threads)
+    return times
 
 
 def block_diagonal_causal(cu: tuple[int, ...]) -> torch.Tensor:
@@ -103,18 +173,28 @@ def run(args: argparse.Namespace) -> list[str]:
     emit(f"# command: python benchmarks/bench_varlen.py {' '.join(sys.argv[1:])}")
     emit(f"# S={s} packed, B=1, H={h}, causal, forward; mixes drawn for P={p} (seed 0)")
     emit("")
-    emit("## Documents, tiles and schedule balance")
+    emit("## Documents, and the tiles of varlen_attention's one kernel call")
     emit("")
-    emit(f"| mix | docs | longest | fwd tiles skipped | full | partial | contiguous "
-         f"max/min (P={p}) | packed max/min | contiguous step factor | packed step factor |")
-    emit("|---|---|---|---|---|---|---|---|---|---|")
+    emit("Share of the S x S scores in 64 x 512 forward tiles that are skipped, computed "
+         "whole (full) or masked element-wise (partial).")
+    emit("")
+    emit("| mix | docs | longest | skipped | full | partial |")
+    emit("|---|---|---|---|---|---|")
     for name, cu in mixes.items():
         sk, fu, pa = tile_fractions(cu)
-        bc, bp = balance(cu, p, "contiguous"), balance(cu, p, "packed")
         longest = max(b - a for a, b in zip(cu, cu[1:]))
-        emit(f"| {name} | {len(cu) - 1} | {longest} | {sk:.1%} | {fu:.1%} | {pa:.1%} | "
-             f"{bc.imbalance:.3f} | {bp.imbalance:.4f} | {bc.step_factor:.3f} | "
-             f"{bp.step_factor:.4f} |")
+        emit(f"| {name} | {len(cu) - 1} | {longest} | {sk:.1%} | {fu:.1%} | {pa:.1%} |")
+    if not args.skip_times:
+        times(args, mixes, emit)
+    ranks(args, mixes, emit)
+    load1 = os.getloadavg()
+    emit("")
+    emit(f"# load average at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    return lines
+
+
+def times(args: argparse.Namespace, mixes: dict, emit) -> None:
+    s, h = args.seq, args.heads
     emit("")
     emit("## Forward time (ms), ours vs torch")
     emit("")
@@ -154,10 +234,37 @@ def run(args: argparse.Namespace) -> list[str]:
                 emit(f"| {name} | {dtype_name} | {d} | {t_ours:.1f} | {mask_ms} | "
                      f"{t_loop:.1f} | {mask_ratio} | {t_loop / t_ours:.2f} | "
                      f"{float(diff):.1e} |")
-    load1 = os.getloadavg()
+
+
+def ranks(args: argparse.Namespace, mixes: dict, emit) -> None:
+    s, h, p = args.seq, args.heads, args.world_size
+    g = torch.Generator().manual_seed(1)
     emit("")
-    emit(f"# load average at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
-    return lines
+    emit(f"## The ring at P={p}: contiguous vs packed layout")
+    emit("")
+    emit("pairs: exact causal pairs per rank (the schedule); step factor: sum over ring steps "
+         "of the slowest rank's pairs / (total / P); tiles: score elements in the non-skipped "
+         "64 x 512 forward tiles of each rank's blocks, total / visible pairs and max/min "
+         "over ranks; measured: each rank's blocks run in one process (float32, D=64, H="
+         f"{h}, forward; one thread, thread CPU time, best of {args.iters}), ms per rank "
+         "and max/min.")
+    emit("")
+    emit("| mix | layout | pairs max/min | step factor | tiles / visible | tiles max/min | "
+         "measured ms per rank | measured max/min |")
+    emit("|---|---|---|---|---|---|---|---|")
+    for name, cu in mixes.items():
+        q, k, v = (torch.randn(1, h, s, 64, generator=g) for _ in range(3))
+        for layout in ("contiguous", "packed"):
+            b = balance(cu, p, layout)
+            area = ring_tile_area(cu, p, layout)
+            cells = "- | -"
+            if not args.skip_ranks:
+                with torch.no_grad():
+                    ms = rank_compute_ms(cu, p, layout, q, k, v, args.iters)
+                cells = (f"{' / '.join(f'{t:.0f}' for t in ms)} | "
+                         f"{max(ms) / min(ms):.3f}")
+            emit(f"| {name} | {layout} | {b.imbalance:.4f} | {b.step_factor:.4f} | "
+                 f"{sum(area) / sum(b.per_rank):.2f} | {max(area) / min(area):.3f} | {cells} |")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -174,6 +281,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per config")
     ap.add_argument("--skip-mask", action="store_true",
                     help="leave out the S x S block-diagonal mask (slow at 16k)")
+    ap.add_argument("--skip-ranks", action="store_true",
+                    help="leave out the measured per-rank compute")
+    ap.add_argument("--skip-times", action="store_true",
+                    help="leave out the ours / mask / loop timings")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default=None, help="also write the output to this file")
     return ap.parse_args(argv)
