@@ -298,7 +298,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write("# CPU: packed variable-length documents (varlen_attention)\n\n")
-            f.write("\n".join(lines) + "\n")
+            # "# ..." header lines would render as headings in markdown: list items there.
+            f.write("\n".join("- " + ln[2:] if ln.startswith("# ") else ln for ln in lines)
+                    + "\n")
 
 
 if __name__ == "__main__":
