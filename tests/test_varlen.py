@@ -150,18 +150,24 @@ def test_fp16_and_head_dims_cpu() -> None:
 
 def test_matches_one_call_with_block_diagonal_mask() -> None:
     """The same kernel given the explicit block-diagonal (and causal) mask: equal outputs
-    (the documents only let the kernel skip tiles that mask would zero anyway)."""
+    (the documents only let the kernel skip tiles that mask would zero anyway), with and
+    without dropout under the same torch.manual_seed (the same seed, the same positions)."""
     ls = [40, 1, 0, 200, 3, 90]
     g = _gen(3)
     q, k, v = (randn((sum(ls), 4, 32), torch.float32, g) for _ in range(3))
     doc = torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls))
     block = doc[:, None] == doc[None, :]
     for is_causal in (False, True):
-        mask = block & torch.ones_like(block).tril() if is_causal else block
-        want = ring_attn.scaled_dot_product_attention(
-            *(t.transpose(0, 1) for t in (q, k, v)), attn_mask=mask).transpose(0, 1)
-        got = varlen_attention(q, k, v, _cu(ls), _cu(ls), is_causal=is_causal)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for p in (0.0, 0.25):
+            mask = block & torch.ones_like(block).tril() if is_causal else block
+            torch.manual_seed(9)
+            want = ring_attn.scaled_dot_product_attention(
+                *(t.transpose(0, 1) for t in (q, k, v)), attn_mask=mask,
+                dropout_p=p).transpose(0, 1)
+            torch.manual_seed(9)
+            got = varlen_attention(q, k, v, _cu(ls), _cu(ls), is_causal=is_causal,
+                                   dropout_p=p)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def _check_dropout(device: str) -> None:
