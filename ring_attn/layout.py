@@ -13,7 +13,8 @@ Every layout gives each rank S/P tokens (zigzag needs S divisible by 2P), so a r
 shard is described by a few arithmetic runs of global positions, `Run(start, step,
 count)`. A fourth layout, "packed" (packing.py), splits packed documents (cu_seqlens)
 zigzag-wise per document and pads every rank to one length; it is expressed as Runs too,
-so everything that takes runs drives it, and the functions below take its cu_seqlens. The pure functions take (rank, world_size) explicitly; `shard`, `unshard` and
+so everything that takes runs drives it, and the functions below take its cu_seqlens.
+The pure functions take (rank, world_size) explicitly; `shard`, `unshard` and
 `positions` at the end read them from a process group (shard and unshard differentiable).
 """
 from __future__ import annotations

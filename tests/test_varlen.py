@@ -4,7 +4,6 @@ dtype as the yardstick; dropout against the independent model of the mask (helpe
 cu_seqlens_from_position_ids; and every bad input named in issue 10."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 
 import ring_attn
 from ring_attn.documents import cu_seqlens_from_position_ids
-from ring_attn.errors import RingAttnError, RingAttnTypeError
+from ring_attn.errors import RingAttnError
 from ring_attn.functional import draw_seed
 from ring_attn.varlen import varlen_attention
 from helpers import assert_close_to_ref, dropout_keep_mask, randn, sdpa_reference
