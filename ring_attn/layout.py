@@ -11,7 +11,10 @@ Three layouts, named by what rank r holds of a global sequence of S tokens:
 
 Every layout gives each rank S/P tokens (zigzag needs S divisible by 2P), so a rank's
 shard is described by a few arithmetic runs of global positions, `Run(start, step,
-count)`. The pure functions take (rank, world_size) explicitly; `shard`, `unshard` and
+count)`. A fourth layout, "packed" (packing.py), splits packed documents (cu_seqlens)
+zigzag-wise per document and pads every rank to one length; it is expressed as Runs too,
+so everything that takes runs drives it, and the functions below take its cu_seqlens.
+The pure functions take (rank, world_size) explicitly; `shard`, `unshard` and
 `positions` at the end read them from a process group (shard and unshard differentiable).
 """
 from __future__ import annotations
@@ -96,8 +99,19 @@ def check_local_length(s_local: int, layout: str) -> None:
                          f"must be even, got {s_local}")
 
 
-def local_runs(rank: int, world_size: int, s_local: int, layout: str) -> list[Run]:
-    """The global positions of rank's s_local tokens, as runs in local order."""
+def _packing():
+    # packing.py builds on Run and runs_to_positions from this module, so it is imported
+    # where the "packed" layout is used rather than at the top (a circular import).
+    from . import packing
+    return packing
+
+
+def local_runs(rank: int, world_size: int, s_local: int, layout: str,
+               cu_seqlens=None) -> list[Run]:
+    """The global positions of rank's s_local tokens, as runs in local order.
+    cu_seqlens (a tensor or a validated tuple): the documents, for layout="packed" only."""
+    if layout == "packed":
+        return _packing().packed_runs(rank, world_size, s_local, cu_seqlens)
     check_local_length(s_local, layout)
     if not 0 <= rank < world_size:
         raise ValueError(f"ring_attn: rank {rank} outside [0, {world_size})")
@@ -130,13 +144,17 @@ def runs_to_positions(runs: Sequence[Run], device: Optional[torch.device] = None
 
 
 def global_positions(rank: int, world_size: int, s_local: int, layout: str,
-                     device: Optional[torch.device] = None) -> Tensor:
-    """int64 global positions of the s_local tokens rank holds, in local order."""
-    return runs_to_positions(local_runs(rank, world_size, s_local, layout), device)
+                     device: Optional[torch.device] = None, cu_seqlens=None) -> Tensor:
+    """int64 global positions of the s_local tokens rank holds, in local order (for
+    "packed", padding rows have positions >= the token count: in no document)."""
+    return runs_to_positions(local_runs(rank, world_size, s_local, layout, cu_seqlens), device)
 
 
-def shard_tensor(x: Tensor, rank: int, world_size: int, layout: str, dim: int = 2) -> Tensor:
+def shard_tensor(x: Tensor, rank: int, world_size: int, layout: str, dim: int = 2,
+                 cu_seqlens=None) -> Tensor:
     """Rank's shard of the full tensor x along dim (a view where the layout allows)."""
+    if layout == "packed":
+        return _packing().shard_packed(x, rank, world_size, cu_seqlens, dim)
     dim = dim % x.dim()
     check_global_length(x.size(dim), world_size, layout)
     s_local = x.size(dim) // world_size
@@ -148,8 +166,11 @@ def shard_tensor(x: Tensor, rank: int, world_size: int, layout: str, dim: int = 
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def unshard_tensors(shards: Sequence[Tensor], layout: str, dim: int = 2) -> Tensor:
+def unshard_tensors(shards: Sequence[Tensor], layout: str, dim: int = 2,
+                    cu_seqlens=None) -> Tensor:
     """The full tensor from every rank's shard (shards[r] from rank r), along dim."""
+    if layout == "packed":
+        return _packing().unshard_packed(shards, cu_seqlens, dim)
     check_layout(layout)
     world_size = len(shards)
     dim = dim % shards[0].dim()
@@ -233,52 +254,85 @@ def _all_gather(x: Tensor, group) -> list[Tensor]:
 
 class _Shard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int, group, layout: str) -> Tensor:
+    def forward(ctx, x: Tensor, dim: int, group, layout: str, cu) -> Tensor:
         info = group_info(group)
-        ctx.dim, ctx.group, ctx.layout = dim, group, layout
-        return shard_tensor(x, info.rank, info.world_size, layout, dim).contiguous()
+        ctx.dim, ctx.group, ctx.layout, ctx.cu = dim, group, layout, cu
+        return shard_tensor(x, info.rank, info.world_size, layout, dim, cu).contiguous()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        full = unshard_tensors(_all_gather(grad, ctx.group), ctx.layout, ctx.dim)
-        return full, None, None, None
+        full = unshard_tensors(_all_gather(grad, ctx.group), ctx.layout, ctx.dim, ctx.cu)
+        return full, None, None, None, None
 
 
 class _Unshard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int, group, layout: str) -> Tensor:
+    def forward(ctx, x: Tensor, dim: int, group, layout: str, cu) -> Tensor:
         info = group_info(group)
         ctx.dim, ctx.layout, ctx.rank, ctx.world = dim, layout, info.rank, info.world_size
-        return unshard_tensors(_all_gather(x, group), layout, dim)
+        ctx.cu = cu
+        return unshard_tensors(_all_gather(x, group), layout, dim, cu)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        mine = shard_tensor(grad, ctx.rank, ctx.world, ctx.layout, ctx.dim).contiguous()
-        return mine, None, None, None
+        mine = shard_tensor(grad, ctx.rank, ctx.world, ctx.layout, ctx.dim, ctx.cu)
+        return mine.contiguous(), None, None, None, None
 
 
-def shard(x: Tensor, *, dim: int = 2, group=None, layout: str = "zigzag") -> Tensor:
+def _packed_cu(layout: str, cu_seqlens, total: Optional[int]):
+    """The validated tuple of cu_seqlens for layout="packed" (None for other layouts,
+    which refuse a cu_seqlens)."""
+    if layout != "packed":
+        if cu_seqlens is not None:
+            raise ValueError(f"ring_attn: cu_seqlens is for layout='packed', got layout "
+                             f"{layout!r}")
+        return None
+    if cu_seqlens is None:
+        raise ValueError("ring_attn: layout='packed' needs cu_seqlens (the document "
+                         "boundaries of the full packed sequence)")
+    from .documents import check_cu_seqlens
+    return check_cu_seqlens(cu_seqlens, total, "cu_seqlens")
+
+
+def shard(x: Tensor, *, dim: int = 2, group=None, layout: str = "zigzag",
+          cu_seqlens: Optional[Tensor] = None) -> Tensor:
     """This rank's shard of the full tensor x (identical on every rank) along dim.
 
     The length of dim must be a multiple of world_size (2 * world_size for zigzag);
-    otherwise a ValueError names the multiple (see pad_for_ring). Differentiable: the
-    backward all-gathers the gradient (see the convention above), so every rank must
-    run it."""
-    check_global_length(x.size(dim), group_info(group).world_size, layout)
-    return _Shard.apply(x, dim % x.dim(), group, layout)
+    otherwise a ValueError names the multiple (see pad_for_ring). layout="packed" takes
+    any length: cu_seqlens (the documents of the full sequence, ending at its length)
+    decides the split and the shard is padded to the common S_local (packing.py).
+    Differentiable: the backward all-gathers the gradient (see the convention above), so
+    every rank must run it."""
+    cu = _packed_cu(layout, cu_seqlens, x.size(dim))
+    if cu is None:
+        check_global_length(x.size(dim), group_info(group).world_size, layout)
+    return _Shard.apply(x, dim % x.dim(), group, layout, cu)
 
 
-def unshard(x: Tensor, *, dim: int = 2, group=None, layout: str = "zigzag") -> Tensor:
+def unshard(x: Tensor, *, dim: int = 2, group=None, layout: str = "zigzag",
+            cu_seqlens: Optional[Tensor] = None) -> Tensor:
     """The full tensor from every rank's shard x (same shape on every rank), all-gathered.
+    For layout="packed" (with the cu_seqlens given to shard), padding rows are dropped.
 
     Differentiable: the backward keeps this rank's slice of the gradient, exact when
     every rank computes the same loss from the full tensor (see the convention above)."""
-    check_layout(layout)
-    return _Unshard.apply(x, dim % x.dim(), group, layout)
+    cu = _packed_cu(layout, cu_seqlens, None)
+    if cu is None:
+        check_layout(layout)
+    return _Unshard.apply(x, dim % x.dim(), group, layout, cu)
 
 
 def positions(s_local: int, *, group=None, layout: str = "zigzag",
-              device: Optional[torch.device] = None) -> Tensor:
-    """int64 global positions of this rank's s_local tokens (e.g. for rotary embeddings)."""
+              device: Optional[torch.device] = None,
+              cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """int64 positions of this rank's s_local tokens for rotary embeddings: global ones,
+    or, for layout="packed", positions within each token's document (restarting at 0;
+    padding rows 0). The kernels' global positions of a packed shard are
+    packing.packed_global_positions."""
     info = group_info(group)
+    cu = _packed_cu(layout, cu_seqlens, None)
+    if cu is not None:
+        _packing().packed_runs(info.rank, info.world_size, s_local, cu)  # checks s_local
+        return _packing().packed_document_positions(info.rank, info.world_size, cu, device)
     return global_positions(info.rank, info.world_size, s_local, layout, device)
