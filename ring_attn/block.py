@@ -65,7 +65,7 @@ class RingSpec:
                     softcap=self.softcap)
 
     def runs(self, rank: int) -> list[Run]:
-        return local_runs(rank, self.world_size, self.s_local, self.layout)
+        return local_runs(rank, self.world_size, self.s_local, self.layout, self.docs)
 
 
 def _kernel_positions(runs: Sequence[Run], device: torch.device) -> tuple[Optional[Tensor], int]:

@@ -28,6 +28,9 @@ from .comm import group_info
 
 Tensor = torch.Tensor
 LAYOUTS = ("contiguous", "zigzag", "striped")
+# Every layout the ring runs: the three above split any length that is a multiple of P
+# (2P for zigzag); "packed" (packing.py) follows documents given by cu_seqlens.
+RING_LAYOUTS = LAYOUTS + ("packed",)
 
 
 class Run(NamedTuple):
@@ -38,9 +41,9 @@ class Run(NamedTuple):
 
 
 def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"ring_attn: layout must be one of {', '.join(map(repr, LAYOUTS))}, "
-                         f"got {layout!r}")
+    if layout not in RING_LAYOUTS:
+        raise ValueError(f"ring_attn: layout must be one of "
+                         f"{', '.join(map(repr, RING_LAYOUTS))}, got {layout!r}")
 
 
 def resolve_layout(layout: str, window: Optional[tuple[int, int]], world_size: int,
@@ -77,6 +80,9 @@ def resolve_layout(layout: str, window: Optional[tuple[int, int]], world_size: i
 def required_multiple(world_size: int, layout: str) -> int:
     """The global sequence length must be a multiple of this (P, or 2P for zigzag)."""
     check_layout(layout)
+    if layout == "packed":
+        raise ValueError("ring_attn: the 'packed' layout takes any length (it pads each "
+                         "rank internally); its shard length is packing.packed_plan's s_local")
     return 2 * world_size if layout == "zigzag" else world_size
 
 
@@ -92,7 +98,8 @@ def check_global_length(seq_len: int, world_size: int, layout: str) -> None:
 
 
 def check_local_length(s_local: int, layout: str) -> None:
-    """A shard of the zigzag layout is two equal chunks, so its length must be even."""
+    """A shard of the zigzag layout is two equal chunks, so its length must be even.
+    (A 'packed' shard's length is checked against its plan where its runs are built.)"""
     check_layout(layout)
     if layout == "zigzag" and s_local % 2 != 0:
         raise ValueError("ring_attn: a 'zigzag' shard holds two equal chunks, so its length "

@@ -134,7 +134,7 @@ def _plans(world_size: int, layout: str, s_local: int, vis: Visibility,
            kv_nonfinite: tuple[bool, ...], rows_nonfinite: tuple[bool, ...]
            ) -> tuple[RingPlan, ...]:
     p = world_size
-    runs = [local_runs(r, p, s_local, layout) for r in range(p)]
+    runs = [local_runs(r, p, s_local, layout, vis.cu_seqlens) for r in range(p)]
     kv_bad = kv_nonfinite or (False,) * p
     rows_bad = rows_nonfinite or (False,) * p
     need = {(r, s): _block(vis, runs, 0, r, s, kv_bad[s] or rows_bad[r], s_local)

@@ -20,10 +20,11 @@ from typing import Any, Optional
 import torch
 
 from .block import RingSpec, backward_block, forward_block
-from .errors import RingAttnError, refuse_double_backward
+from .errors import RingAttnError, RingAttnNotImplementedError, refuse_double_backward
 from .functional import check_bool, draw_seed, validate_inputs
 from .documents import check_cu_seqlens
 from .layout import check_global_length, resolve_layout, shard_tensor, unshard_tensors
+from .packing import packed_plan
 from .merge import acc_dtype
 from .validate import check_softcap, check_window, kv_nonfinite, rows_nonfinite
 
@@ -43,10 +44,10 @@ class _SimulatedRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                 specs: list[RingSpec]) -> Tensor:
-        p, layout = len(specs), specs[0].layout
-        qs = [shard_tensor(q, r, p, layout).contiguous() for r in range(p)]
-        ks = [shard_tensor(k, r, p, layout).contiguous() for r in range(p)]
-        vs = [shard_tensor(v, r, p, layout).contiguous() for r in range(p)]
+        p, layout, cu = len(specs), specs[0].layout, specs[0].docs
+        qs = [shard_tensor(q, r, p, layout, cu_seqlens=cu).contiguous() for r in range(p)]
+        ks = [shard_tensor(k, r, p, layout, cu_seqlens=cu).contiguous() for r in range(p)]
+        vs = [shard_tensor(v, r, p, layout, cu_seqlens=cu).contiguous() for r in range(p)]
         masks = [None if mask is None else
                  mask if mask.size(2) == 1 else shard_tensor(mask, r, p, layout)
                  for r in range(p)]
@@ -65,7 +66,7 @@ class _SimulatedRing(torch.autograd.Function):
         lses = [acc[1] for acc in accs]  # the accumulation dtype, as ring.py saves it
         ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
         ctx.masks, ctx.specs = masks, specs
-        return unshard_tensors(outs, layout)
+        return unshard_tensors(outs, layout, cu_seqlens=cu)
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor):
@@ -74,7 +75,8 @@ class _SimulatedRing(torch.autograd.Function):
         p, layout = len(specs), specs[0].layout
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (saved[i * p:(i + 1) * p] for i in range(5))
-        douts = [shard_tensor(dout, r, p, layout) for r in range(p)]
+        cu = specs[0].docs
+        douts = [shard_tensor(dout, r, p, layout, cu_seqlens=cu) for r in range(p)]
         if specs[0].visibility.has_rule:  # as ring.py's backward: non-finite dout or out
             bad = [bool(rows_nonfinite(qs[r], None, douts[r], outs[r])) for r in range(p)]
             rows = tuple(a or b for a, b in zip(specs[0].rows_nonfinite or (False,) * p, bad))
@@ -108,7 +110,8 @@ class _SimulatedRing(torch.autograd.Function):
         for (_, s), (rows, tk, tv) in sorted(trips.items(), key=lambda item: item[0]):
             dk[s].narrow(2, rows.start, rows.count).add_(tk)
             dv[s].narrow(2, rows.start, rows.count).add_(tv)
-        full = [unshard_tensors([g.to(qs[0].dtype) for g in gs], layout) for gs in (dq, dk, dv)]
+        full = [unshard_tensors([g.to(qs[0].dtype) for g in gs], layout, cu_seqlens=cu)
+                for gs in (dq, dk, dv)]
         return full[0], full[1], full[2], None, None
 
 
@@ -139,7 +142,19 @@ def simulated_ring_attention(query: Tensor, key: Tensor, value: Tensor, *, world
         raise RingAttnError(f"ring_attn: world_size must be >= 1, got {world_size}")
     s = query.size(2)
     layout = resolve_layout(layout, window, world_size, s, is_causal=is_causal)
-    check_global_length(s, world_size, layout)
+    s_local = None
+    if layout == "packed":
+        if cu_seqlens is None:
+            raise RingAttnError("ring_attn: layout 'packed' needs cu_seqlens (the documents "
+                                "it balances), got None")
+        if attn_mask is not None:
+            raise RingAttnNotImplementedError(
+                "ring_attn: attn_mask with layout 'packed' is not supported (documents "
+                "already separate the tokens; its padding rows lie in no document)")
+        s_local = packed_plan(check_cu_seqlens(cu_seqlens, s, "cu_seqlens", query.device),
+                              world_size).s_local
+    else:
+        check_global_length(s, world_size, layout)
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1))
     mask = None if attn_mask is None else _mask_4d(attn_mask, query.size(0), query.size(1), s)
@@ -149,7 +164,8 @@ def simulated_ring_attention(query: Tensor, key: Tensor, value: Tensor, *, world
     if cu_seqlens is not None:
         docs = check_cu_seqlens(cu_seqlens, s, "cu_seqlens", query.device)
     specs = [RingSpec(r, world_size, layout, is_causal, scale, dropout_p,
-                      seed if dropout_p > 0.0 else None, s // world_size, window=window,
+                      seed if dropout_p > 0.0 else None, s_local or s // world_size,
+                      window=window,
                       softcap=softcap, cu_seqlens=cu_seqlens if docs else None, docs=docs)
              for r in range(world_size)]
     return _SimulatedRing.apply(query, key, value, mask, specs)

@@ -42,7 +42,7 @@ from .errors import (DOUBLE_BACKWARD, RingAttnError, RingAttnException,
 from .functional import (_has_kernel, check_bool, check_dropout_p, check_mask_type,
                          check_softcap, check_window,
                          check_scale, check_tensor, draw_seed)
-from .layout import LAYOUTS, check_layout, resolve_layout
+from .layout import RING_LAYOUTS, check_layout, local_runs, resolve_layout
 from .merge import acc_dtype
 
 Tensor = torch.Tensor
@@ -171,7 +171,7 @@ def _show(name: str, value: int) -> str:
     if name == "device type":
         return _DEVICES[value] if 0 <= value < len(_DEVICES) else "?"
     if name == "layout":
-        return repr(LAYOUTS[value]) if 0 <= value < len(LAYOUTS) else "?"
+        return repr(RING_LAYOUTS[value]) if 0 <= value < len(RING_LAYOUTS) else "?"
     if name in ("is_causal", "attn_mask presence"):
         return str(bool(value))
     if name in ("scale", "dropout_p", "softcap"):
@@ -272,7 +272,7 @@ def _describe(call: int, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
               window: Optional[tuple[int, int]], softcap: float,
               docs: Optional[tuple[int, ...]]) -> list[int]:
     return [call, q.size(0), q.size(1), k.size(1), q.size(3), v.size(3), q.size(2), k.size(2),
-            _DTYPES.index(q.dtype), _DEVICES.index(q.device.type), LAYOUTS.index(layout),
+            _DTYPES.index(q.dtype), _DEVICES.index(q.device.type), RING_LAYOUTS.index(layout),
             int(bool(is_causal)), _bits(scale), _bits(dropout_p), int(mask is not None),
             _DTYPES.index(mask.dtype) if mask is not None else -1,
             mask.size(-1) if mask is not None else -1,
@@ -349,7 +349,20 @@ def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
                                                scale=scale, dropout_p=dropout_p,
                                                layout=layout, info=info)
         softcap = check_softcap(softcap)
-        if cu_seqlens is not None:
+        if layout == "packed":
+            # The packed layout pads every rank to its plan's s_local: the documents end
+            # at their own token count T <= P * S_local, and the shard length must be the
+            # plan's (local_runs raises naming both).
+            if cu_seqlens is None:
+                raise RingAttnError("ring_attn: layout 'packed' needs cu_seqlens (the "
+                                    "documents it balances), got None")
+            if mask is not None:
+                raise RingAttnNotImplementedError(
+                    "ring_attn: attn_mask with layout 'packed' is not supported (documents "
+                    "already separate the tokens; its padding rows lie in no document)")
+            docs = check_cu_seqlens(cu_seqlens, None, "cu_seqlens", q.device)
+            local_runs(info.rank, info.world_size, q.size(2), layout, docs)
+        elif cu_seqlens is not None:
             docs = check_cu_seqlens(cu_seqlens, q.size(2) * info.world_size, "cu_seqlens",
                                     q.device)
         fields = _describe(call, q, k, v, mask, is_causal=is_causal, scale=scale,
