@@ -1,10 +1,17 @@
 """ring_attn: exact attention over sequences split across ranks, on fused CPU/CUDA kernels."""
-from .functional import scaled_dot_product_attention
-from .layout import pad_for_ring, positions, shard, unshard
+from .documents import cu_seqlens_from_position_ids
+from .functional import attention, scaled_dot_product_attention
+from .layout import pad_for_ring, positions, resolve_layout, shard, unshard
+from .parallel.hybrid import hybrid_attention, hybrid_positions, hybrid_shard, hybrid_unshard
+from .parallel.ulysses import ulysses_attention
 from .ring import ring_attention
 from .sequence_parallel import sequence_parallel
-from . import simulated  # noqa: E402,F401  (ring_attn.simulated.simulated_ring_attention)
+from .varlen import varlen_attention
+from . import packing, simulated  # noqa: E402,F401  (ring_attn.packing, ring_attn.simulated)
 
-__all__ = ["scaled_dot_product_attention", "ring_attention", "shard", "unshard", "positions",
-           "pad_for_ring", "sequence_parallel"]
+__all__ = ["scaled_dot_product_attention", "attention", "varlen_attention",
+           "cu_seqlens_from_position_ids", "ring_attention", "ulysses_attention",
+           "hybrid_attention", "shard", "unshard", "positions", "pad_for_ring",
+           "resolve_layout", "hybrid_shard", "hybrid_unshard", "hybrid_positions",
+           "sequence_parallel"]
 __version__ = "0.1.0"

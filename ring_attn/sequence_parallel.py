@@ -62,9 +62,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .comm import group_info
-from .layout import LAYOUTS
-from .ring import ring_attention
+from .parallel.strategy import check_strategy, strategy_attention, world_size
 
 Tensor = torch.Tensor
 
@@ -75,13 +73,15 @@ class _Frame:
     layout: str
     enabled: bool
     previous: Callable[..., Tensor]  # F.scaled_dot_product_attention found on entry
+    strategy: str = "ring"          # "ring" | "ulysses" | "hybrid" (parallel/strategy.py)
+    mesh: Optional[Any] = None      # the hybrid's DeviceMesh or (ulysses, ring) groups
 
 
 _lock = threading.Lock()
 _stack: list[_Frame] = []
-# (group, layout) of each ring call made under activation checkpointing whose recompute
-# (in backward) has not run yet, oldest first.
-_pending: list[tuple[Optional[Any], str]] = []
+# The frame (group, layout, strategy, mesh) of each call made under activation
+# checkpointing whose recompute (in backward) has not run yet, oldest first.
+_pending: list[_Frame] = []
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
 
@@ -107,7 +107,7 @@ def _under_checkpoint() -> bool:
     return False
 
 
-def _note_checkpoint(group: Optional[Any], layout: str) -> None:
+def _note_checkpoint(frame: _Frame) -> None:
     """Record a ring call a checkpoint will recompute, or consume the record of one
     being recomputed now."""
     if torch.compiler.is_compiling():
@@ -116,7 +116,7 @@ def _note_checkpoint(group: Optional[Any], layout: str) -> None:
         if _pending:
             _pending.pop()
     elif _under_checkpoint():
-        _pending.append((group, layout))
+        _pending.append(frame)
 
 
 def _recompute_guard(*args: Any, **kwargs: Any) -> Tensor:
@@ -125,8 +125,9 @@ def _recompute_guard(*args: Any, **kwargs: Any) -> Tensor:
     inner = _recompute_guard._ring_attn_inner
     if not (_in_backward() and _pending):
         return inner(*args, **kwargs)
-    group, layout = _pending[-1]
-    _stack.append(_Frame(group, layout, True, previous=inner))
+    f = _pending[-1]
+    _stack.append(_Frame(f.group, f.layout, True, previous=inner, strategy=f.strategy,
+                         mesh=f.mesh))
     try:
         return _ring_sdpa(*args, **kwargs)
     finally:
@@ -169,7 +170,7 @@ def _ring_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Te
         raise ValueError(f"ring_attn.sequence_parallel: query has {hq} heads but key/value "
                          f"have {hk}; pass enable_gqa=True for grouped-query attention")
     s_local = query.shape[-2]
-    world = group_info(frame.group).world_size if attn_mask is not None \
+    world = world_size(frame.strategy, frame.group, frame.mesh) if attn_mask is not None \
         and dist.is_initialized() else 1
     if world > 1 and attn_mask.dim() >= 1 and attn_mask.shape[-1] == s_local:
         raise ValueError(
@@ -180,15 +181,16 @@ def _ring_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Te
             "is_causal=True instead: the ring applies it on global positions), or "
             "transformers' packed-sequence detection reading zigzag/striped position_ids "
             "as several sequences (use ring_attn.integrations.transformers)")
-    _note_checkpoint(frame.group, frame.layout)
+    _note_checkpoint(frame)
     lead = tuple(query.shape[:-3])
     q, k, v = (_flatten_batch(t, lead) for t in (query, key, value))
     mask = attn_mask
     if mask is not None and (query.dim() != 4 or mask.dim() > 4):
         mask = mask.expand(*lead, hq, q.shape[2], mask.shape[-1]).reshape(
             -1, hq, q.shape[2], mask.shape[-1])
-    out = ring_attention(q, k, v, is_causal=bool(is_causal), scale=scale, attn_mask=mask,
-                         dropout_p=float(dropout_p), group=frame.group, layout=frame.layout)
+    out = strategy_attention(q, k, v, strategy=frame.strategy, group=frame.group,
+                             mesh=frame.mesh, layout=frame.layout, is_causal=bool(is_causal),
+                             scale=scale, attn_mask=mask, dropout_p=float(dropout_p))
     return out.reshape(*lead, *out.shape[1:]) if query.dim() != 4 else out
 
 
@@ -201,15 +203,29 @@ class sequence_parallel:
         must match the layout given to ring_attn.shard / ring_attn.positions.
       enabled: False turns the patch off inside the body (torch's function is restored
         there and the outer context's patch comes back on exit).
+      strategy: "ring" (default), "ulysses" (all-to-all over heads within `group`;
+        layout="contiguous") or "hybrid" (Ulysses inside each row of `mesh`, the ring
+        across; pass mesh=, not group=). Positions: ring_attn.parallel.strategy.
+        strategy_positions with the same arguments.
+      mesh: for strategy="hybrid", a 2-D DeviceMesh with dims ("ulysses", "ring") or a
+        (ulysses_group, ring_group) pair.
 
     Returns itself from __enter__. See the module docstring for what is and is not patched.
     """
 
     def __init__(self, group: Optional[Any] = None, layout: str = "zigzag",
-                 enabled: bool = True) -> None:
-        if layout not in LAYOUTS:
-            raise ValueError(f"ring_attn.sequence_parallel: layout must be one of {LAYOUTS}, "
-                             f"got {layout!r}")
+                 enabled: bool = True, *, strategy: str = "ring",
+                 mesh: Optional[Any] = None) -> None:
+        if layout == "packed":
+            raise ValueError("ring_attn.sequence_parallel: layout 'packed' needs cu_seqlens, "
+                             "which F.scaled_dot_product_attention cannot carry; call "
+                             "ring_attn.ring_attention(..., layout='packed', cu_seqlens=...)")
+        try:
+            check_strategy(strategy, group, mesh, layout)
+        except ValueError as e:
+            raise ValueError(str(e).replace("ring_attn:", "ring_attn.sequence_parallel:", 1))
+        self.strategy = strategy
+        self.mesh = mesh
         self.group = group
         self.layout = layout
         self.enabled = bool(enabled)
@@ -222,7 +238,8 @@ class sequence_parallel:
         with _lock:
             base = _original_sdpa()
             frame = _Frame(self.group, self.layout, self.enabled,
-                           previous=F.scaled_dot_product_attention)
+                           previous=F.scaled_dot_product_attention, strategy=self.strategy,
+                           mesh=self.mesh)
             _stack.append(frame)
             F.scaled_dot_product_attention = _ring_sdpa if self.enabled else base
             self._frame = frame

@@ -25,13 +25,15 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Replace the ring with a recorder that computes local attention (no process group)."""
     log: list[dict[str, Any]] = []
 
-    def fake_ring(q, k, v, *, is_causal, scale, attn_mask, dropout_p, group, layout):
+    def fake_ring(q, k, v, *, is_causal, scale, attn_mask, dropout_p, group, layout,
+                  strategy, mesh):
+        assert (strategy, mesh) == ("ring", None)
         log.append(dict(shape=tuple(q.shape), is_causal=is_causal, scale=scale,
                         attn_mask=attn_mask, dropout_p=dropout_p, group=group, layout=layout))
         return TORCH_SDPA(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                           enable_gqa=q.shape[1] != k.shape[1])
 
-    monkeypatch.setattr(spmod, "ring_attention", fake_ring)
+    monkeypatch.setattr(spmod, "strategy_attention", fake_ring)
     return log
 
 
@@ -276,3 +278,60 @@ def test_checkpoint_and_local_mask_on_the_ring(tmp_path):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_unmodified_module_matches_full_sequence(tmp_path):
     assert_all_ok(run_ranks(_worker_module_matches, 2, tmp_path, pg_timeout_s=60))
+
+
+def _worker_strategies(rank: int, world: int) -> None:
+    """An unmodified module under strategy="ulysses" (4 ranks) and "hybrid" (2 x 2)."""
+    from ring_attn.parallel.strategy import strategy_positions  # noqa: F401 (exported there)
+    torch.manual_seed(0)
+    model = _Attention(dim=32, heads=4, kv_heads=2).double()
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    dout = torch.randn_like(x)
+    for t in (*model.parameters(), x, dout):
+        dist.broadcast(t.data, src=0)
+    ranks = torch.arange(world).view(2, 2)  # rows: Ulysses groups; columns: ring groups
+    rows = [dist.new_group(r.tolist()) for r in ranks]
+    cols = [dist.new_group(c.tolist()) for c in ranks.t()]
+    mesh = (rows[rank // 2], cols[rank % 2])
+    for strategy, kw, layout in (("ulysses", dict(), "contiguous"),
+                                 ("hybrid", dict(mesh=mesh), "zigzag")):
+        for causal in (True, False):
+            x_ref = x.clone().requires_grad_()
+            model.zero_grad()
+            out_ref = model(x_ref, causal, None)
+            out_ref.backward(dout)
+            grads_ref = [p.grad.clone() for p in model.parameters()]
+            model.zero_grad()
+            if strategy == "hybrid":
+                def shard(t):
+                    return ring_attn.hybrid_shard(t, mesh=mesh, dim=1, layout=layout)
+            else:
+                def shard(t):
+                    return ring_attn.shard(t, dim=1, layout=layout)
+            x_loc = shard(x).detach().requires_grad_()
+            with ring_attn.sequence_parallel(layout=layout, strategy=strategy, **kw):
+                out_loc = model(x_loc, causal, None)
+            out_loc.backward(shard(dout))
+            what = f"strategy={strategy} causal={causal}"
+            torch.testing.assert_close(out_loc.detach(), shard(out_ref.detach()), rtol=TOL,
+                                       atol=TOL, msg=what)
+            torch.testing.assert_close(x_loc.grad, shard(x_ref.grad), rtol=TOL, atol=TOL,
+                                       msg=what)
+            for p, g_ref in zip(model.parameters(), grads_ref):
+                dist.all_reduce(p.grad)
+                torch.testing.assert_close(p.grad, g_ref, rtol=TOL, atol=TOL, msg=what)
+
+
+def test_unmodified_module_under_ulysses_and_hybrid(tmp_path):
+    assert_all_ok(run_ranks(_worker_strategies, 4, tmp_path, pg_timeout_s=60))
+
+
+def test_strategy_arguments_checked():
+    with pytest.raises(ValueError, match="sequence_parallel: strategy must be one of"):
+        ring_attn.sequence_parallel(strategy="tree")
+    with pytest.raises(ValueError, match="layout='contiguous'"):
+        ring_attn.sequence_parallel(strategy="ulysses", layout="zigzag")
+    with pytest.raises(ValueError, match="needs mesh="):
+        ring_attn.sequence_parallel(strategy="hybrid")
+    with pytest.raises(ValueError, match="needs cu_seqlens"):
+        ring_attn.sequence_parallel(layout="packed")

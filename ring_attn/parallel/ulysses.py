@@ -212,9 +212,11 @@ _FIELDS = ["call number", "batch", "query heads", "key/value heads", "head dim",
            "index along the other mesh dim (ring rank within a Ulysses group, Ulysses "
            "rank within a ring group)"]
 _MESH = slice(2 + len(_FIELDS) - 3, 2 + len(_FIELDS))  # the mesh fields in the vector
-# [MAGIC, error flag, *fields, seed]: the ring's vector length, so a Ulysses call paired by
-# mistake with a ring call on the same group fails the phase check instead of hanging.
-assert 2 + len(_FIELDS) + 1 == _ROW
+# [MAGIC, error flag, *fields, zeros, seed]: padded to the ring's vector length, so a
+# Ulysses call paired by mistake with a ring call on the same group fails the phase check
+# instead of hanging.
+_PAD = _ROW - (2 + len(_FIELDS) + 1)
+assert _PAD >= 0
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,7 @@ def agree(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_causal:
     seeds = [seed]
     for (g, call), (_, which, other) in zip(calls, groups):
         vec = [_MAGIC, int(error is not None or problem is not None), call, *fields,
-               row.world_size, ring_size, other, seed]
+               row.world_size, ring_size, other, *([0] * _PAD), seed]
         rows = _gather(vec, g)
         problem = problem or _problem(rows, g, which)
         if g is row:
