@@ -41,21 +41,25 @@ def _best(fn, repeats: int) -> float:
 
 def kernel_throughput(s: int, heads: int = 8, head_dim: int = 64, dtype: str = "float32",
                       repeats: int = 3) -> dict[str, float]:
-    """FLOP/s of one forward and one backward kernel call on an S x S block."""
+    """FLOP/s of one forward and one backward kernel call on an S x S block, whole and
+    causal (the ring's diagonal step; FLOPs over its S(S+1)/2 visible pairs)."""
     from .. import ops
     dt = DTYPES[dtype]
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(1, heads, s, head_dim, generator=g).to(dt) for _ in range(4))
     scale = head_dim ** -0.5
-    out, lse = ops.attn_fwd(q, k, v, scale=scale, out_fp32=True)
-    fwd = _best(lambda: ops.attn_fwd(q, k, v, scale=scale, out_fp32=True), repeats)
-    bwd = _best(lambda: ops.attn_bwd(dout, q, k, v, out.to(dt), lse, scale=scale,
-                                     grad_fp32=True), repeats)
     sh = Shape(heads, heads, head_dim)
-    pairs = float(s) * s
-    return {"S": s, "fwd_s": fwd, "bwd_s": bwd,
-            "fwd_flops": pairs * flops_per_pair(sh, "fwd") / fwd,
-            "bwd_flops": pairs * flops_per_pair(sh, "bwd") / bwd}
+    res: dict[str, float] = {"S": s}
+    for causal, pre, pairs in ((False, "", float(s) * s), (True, "causal_", s * (s + 1) / 2)):
+        out, lse = ops.attn_fwd(q, k, v, is_causal=causal, scale=scale, out_fp32=True)
+        fwd = _best(lambda: ops.attn_fwd(q, k, v, is_causal=causal, scale=scale,
+                                         out_fp32=True), repeats)
+        bwd = _best(lambda: ops.attn_bwd(dout, q, k, v, out.to(dt), lse, is_causal=causal,
+                                         scale=scale, grad_fp32=True), repeats)
+        res.update({f"{pre}fwd_s": fwd, f"{pre}bwd_s": bwd,
+                    f"{pre}fwd_flops": pairs * flops_per_pair(sh, "fwd") / fwd,
+                    f"{pre}bwd_flops": pairs * flops_per_pair(sh, "bwd") / bwd})
+    return res
 
 
 def _link_worker(rank: int, store_path: str, sizes: list[int], repeats: int,
@@ -158,8 +162,7 @@ def calibrate(sizes: Optional[list[int]] = None, out: Optional[str] = None,
                    "flops_bwd": top["bwd_flops"], "memory": _memory_bytes(),
                    "efficiency": 1.0, "cores": cores, "core_flops": one["fwd_flops"],
                    "core_flops_bwd": one["bwd_flops"],
-                   "table": [[a["S"], a["fwd_flops"], a["bwd_flops"], b["fwd_flops"],
-                              b["bwd_flops"]] for a, b in zip(kernel, single)]},
+                   "table": [table_row(a, b) for a, b in zip(kernel, single)]},
         "fabric": {"name": "gloo loopback (calibrated)", "bandwidth": ln["bandwidth"],
                    "latency": ln["latency"], "shared_host": True},
         "kernel": kernel, "kernel_1thread": single, "link": ln["rows"],
@@ -168,6 +171,16 @@ def calibrate(sizes: Optional[list[int]] = None, out: Optional[str] = None,
         with open(out, "w") as f:
             json.dump(rec, f, indent=1)
     return rec
+
+
+def table_row(all_threads: dict[str, float], one: dict[str, float]) -> dict[str, float]:
+    """A Device.table row from kernel_throughput at all threads and at one thread."""
+    row = {"S": all_threads["S"]}
+    for pre, key in (("", ""), ("c", "causal_")):
+        for ph in ("fwd", "bwd"):
+            row[pre + ph] = all_threads[f"{key}{ph}_flops"]
+            row[pre + ph + "1"] = one[f"{key}{ph}_flops"]
+    return row
 
 
 def _memory_bytes() -> float:

@@ -60,19 +60,24 @@ class Device:
     cores: int = 0               # > 0: a CPU; ranks on one host share these cores
     core_flops: Optional[float] = None      # measured with one thread (calibration)
     core_flops_bwd: Optional[float] = None
-    # calibration rows (S, fwd, bwd, fwd 1 thread, bwd 1 thread): the CPU kernel's FLOP/s
-    # grows with the block (150 -> 181 GFLOP/s from S = 512 to 2048 on the 2-core VM)
+    # Calibration rows {"S", "fwd", "bwd", "fwd1", "bwd1" (one thread), and "cfwd", ...
+    # on a causal diagonal block, FLOPs counted over its visible pairs}: the CPU kernel's
+    # FLOP/s grows with the block (150 -> 181 GFLOP/s from S = 512 to 2048 on the 2-core
+    # VM) and is lower on diagonal blocks (masked tiles: 0.71x the time of the full block
+    # for half the pairs at S = 2048, one thread).
     table: tuple = ()
     source: str = ""
 
     def rate(self, phase: str, world: int = 1, shared_host: bool = False,
-             s_block: Optional[float] = None) -> float:
-        """Achieved FLOP/s of one rank in phase ("fwd"/"bwd") on an s_block-sized block."""
+             s_block: Optional[float] = None, masked: bool = False) -> float:
+        """Achieved FLOP/s of one rank in phase ("fwd"/"bwd") on an s_block-sized block,
+        a causal diagonal one when masked."""
         bwd = phase == "bwd"
         one_thread = bool(shared_host and world > 1 and self.core_flops)
         if self.table and s_block:
-            col = (2 if bwd else 1) + (2 if one_thread else 0)
-            r = _interp_log([(row[0], row[col]) for row in self.table], s_block)
+            col = ("c" if masked and "cfwd" in self.table[0] else "") + phase + (
+                "1" if one_thread else "")
+            r = _interp_log([(row["S"], row[col]) for row in self.table], s_block)
         elif one_thread:
             r = self.core_flops_bwd if bwd and self.core_flops_bwd else self.core_flops
         else:
@@ -201,6 +206,12 @@ def model_memory(sh: Shape, s_local: int, world: int, train: bool = True,
 
 # ----------------------------------------------------------------------------- work
 
+def step_masked(rank: int, step: int, world: int, layout: str, causal: bool) -> bool:
+    """Whether the step's kernel call applies the causal mask (schedule.py: the diagonal
+    s == r, and every striped step); the others are whole unmasked blocks."""
+    return causal and (layout == "striped" or (rank - step) % world == rank)
+
+
 def step_pairs(rank: int, step: int, world: int, s_local: int, layout: str,
                causal: bool) -> float:
     """(query, key) pairs rank computes at step (schedule.py's rule, in closed form)."""
@@ -256,9 +267,11 @@ def ring_time(sh: Shape, s_local: int, world: int, layout: str, causal: bool,
     c = _counts(sh, s_local)
     kv_bytes = (c["K"] + c["V"]) * sh.dtype_bytes
     dkv_bytes = (c["K"] + c["V"]) * sh.acc_bytes
-    rate = device.rate(phase, world, fabric.shared_host, s_local)
+    rates = {m: device.rate(phase, world, fabric.shared_host, s_local, m)
+             for m in (False, True)}
     fpp = flops_per_pair(sh, phase)
-    per_rank = [[step_pairs(r, t, world, s_local, layout, causal) * fpp / rate
+    per_rank = [[step_pairs(r, t, world, s_local, layout, causal) * fpp
+                 / rates[step_masked(r, t, world, layout, causal)]
                  for t in range(world)] for r in range(world)]
     steps, comm, mx = [], [], []
     for t in range(world):

@@ -107,7 +107,7 @@ def load_preset(path: str) -> tuple[Device, Fabric, dict]:
     d, fb = rec["device"], rec["fabric"]
     device = Device(d["name"], d["flops"], d["memory"], d.get("efficiency", 1.0),
                     d.get("flops_bwd"), d.get("cores", 0), d.get("core_flops"),
-                    d.get("core_flops_bwd"), tuple(tuple(r) for r in d.get("table", ())),
+                    d.get("core_flops_bwd"), tuple(d.get("table", ())),
                     source=f"calibrated: {path}")
     fabric = Fabric(fb["name"], fb["bandwidth"], fb["latency"], fb.get("shared_host", True),
                     source=f"calibrated: {path}")
