@@ -175,3 +175,26 @@ def test_calibrate_tiny(tmp_path):
     res = plan(seq=256, devices=2, preset=out, model="llama3-8b")
     assert res["device"]["flops"] == rec["device"]["flops"]
     assert math.isfinite(res["options"][0]["fwd"])
+
+
+def test_calibrated_rates_by_hand():
+    rows = ({"S": 1000, "fwd": 10.0, "bwd": 20.0, "fwd1": 6.0, "bwd1": 12.0, "cfwd": 5.0,
+             "cbwd": 8.0, "cfwd1": 3.0, "cbwd1": 4.0},
+            {"S": 4000, "fwd": 30.0, "bwd": 40.0, "fwd1": 18.0, "bwd1": 24.0, "cfwd": 15.0,
+             "cbwd": 16.0, "cfwd1": 9.0, "cbwd1": 8.0})
+    dev = M.Device("cpu", 30.0, 0, 1.0, 40.0, cores=2, core_flops=18.0, core_flops_bwd=24.0,
+                   table=rows)
+    # log-linear between the rows: S = 2000 is halfway (log 2 / log 4); clamped outside
+    assert dev.rate("fwd", 1, False, 2000) == pytest.approx(20.0)
+    assert dev.rate("bwd", 1, False, 2000, masked=True) == pytest.approx(12.0)
+    assert dev.rate("fwd", 1, False, 100) == 10.0 and dev.rate("fwd", 1, False, 1e5) == 30.0
+    # 2 ranks on 2 cores: one thread each; 4 ranks: one thread, half a core each
+    assert dev.rate("fwd", 2, True, 4000) == pytest.approx(18.0)
+    assert dev.rate("fwd", 4, True, 4000, masked=True) == pytest.approx(4.5)
+    # zigzag P=2: step 0 is each rank's causal diagonal (masked rate), step 1 whole halves
+    sh = M.Shape(heads=1, kv_heads=1, head_dim=1, dtype_bytes=4)
+    t = M.ring_time(sh, 4000, 2, "zigzag", True, dev, M.Fabric("f", 1e30, 0.0, True), "fwd")
+    diag = (2 * 2000 ** 2 + 2000) * 4 / 9.0
+    half = 2 * 2000 ** 2 * 4 / 18.0
+    assert t.steps == pytest.approx([diag, half])
+    assert not M.step_masked(1, 1, 2, "zigzag", True) and M.step_masked(1, 1, 2, "striped", True)
