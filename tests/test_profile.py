@@ -6,6 +6,7 @@ enables itself once ring.py calls the recorder.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -16,9 +17,11 @@ import pytest
 import ring_attn.ring
 from ring_attn.profile import bubble, chrome_trace, flush, merge, profile, recorder, span
 
-import ring_attn.profile as P  # noqa: E402  (the module, for its globals)
-
 from dist_utils import assert_all_ok, run_ranks
+
+# The module itself: once ring_attn/__init__ exports the `profile` class, the attribute
+# ring_attn.profile (and `import ring_attn.profile as P`) is the class.
+P = importlib.import_module("ring_attn.profile")
 
 
 def _fake_ring(rec, phase: str, world: int, compute_s: float, wait_s: float) -> None:
