@@ -357,7 +357,8 @@ def strategy_time(sh: Shape, seq: int, world: int, u: int, layout: str, causal: 
         # After the all-to-all each device holds S/R tokens of Hq/u heads and Hk/u KV heads
         ring_sh = Shape(sh.heads // u, sh.kv_heads // u, sh.head_dim, sh.layers, sh.batch,
                         sh.v_head_dim, sh.dtype_bytes, sh.acc_bytes, sh.lse_bytes)
-        a2a = fabric.seconds(ulysses_bytes(sh, s_local, u)) + (u - 2) * fabric.latency * (u > 2)
+        # U-1 messages per device per all-to-all; the bytes of the closed form
+        a2a = (u - 1) * fabric.latency + ulysses_bytes(sh, s_local, u) / fabric.bandwidth
         note = f"all-to-all {a2a * 1e3:.2f} ms per pass exposed"
     else:
         ring_sh, a2a = sh, 0.0
@@ -366,7 +367,7 @@ def strategy_time(sh: Shape, seq: int, world: int, u: int, layout: str, causal: 
     total_f = fwd.total + a2a
     bub_f = 1 - min(fwd.compute) / total_f if total_f else 0.0
     res = Option("ring" if u == 1 else ("ulysses" if r == 1 else f"hybrid {u}x{r}"),
-                 layout, u, r, total_f, 0.0, bub_f, 0.0, fwd.steps, [], note)
+                 layout if r > 1 else "-", u, r, total_f, 0.0, bub_f, 0.0, fwd.steps, [], note)
     if train:
         bwd = ring_time(ring_sh, ring_local, r, layout, causal, device, fabric, "bwd")
         res.bwd = bwd.total + a2a

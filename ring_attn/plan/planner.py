@@ -123,7 +123,7 @@ def report(p: dict[str, Any]) -> str:
     ]
     for k, v in p["memory_layer"]["items"].items():
         lines.append(f"  {k:<42} {_fmt_bytes(v):>12}")
-    lines.append(f"  {'peak (not the sum: buffers live at different times)':<42} "
+    lines.append(f"  {'peak (buffers live at different times)':<42} "
                  f"{_fmt_bytes(p['memory_layer']['peak']):>12}")
     lines.append("Whole model's attention per device:")
     for k, v in p["memory_model"]["items"].items():
