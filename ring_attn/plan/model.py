@@ -336,8 +336,10 @@ class Option:
     bwd: float
     fwd_bubble: float
     bwd_bubble: float
-    fwd_steps: list[float] = field(default_factory=list)
+    fwd_steps: list[float] = field(default_factory=list)   # wall time of each ring step
     bwd_steps: list[float] = field(default_factory=list)
+    fwd_comm: list[float] = field(default_factory=list)    # transfer time of each step
+    bwd_comm: list[float] = field(default_factory=list)
     note: str = ""
 
     def as_dict(self) -> dict:
@@ -367,12 +369,13 @@ def strategy_time(sh: Shape, seq: int, world: int, u: int, layout: str, causal: 
     total_f = fwd.total + a2a
     bub_f = 1 - min(fwd.compute) / total_f if total_f else 0.0
     res = Option("ring" if u == 1 else ("ulysses" if r == 1 else f"hybrid {u}x{r}"),
-                 layout if r > 1 else "-", u, r, total_f, 0.0, bub_f, 0.0, fwd.steps, [], note)
+                 layout if r > 1 else "-", u, r, total_f, 0.0, bub_f, 0.0, fwd.steps, [],
+                 fwd.comm, [], note)
     if train:
         bwd = ring_time(ring_sh, ring_local, r, layout, causal, device, fabric, "bwd")
         res.bwd = bwd.total + a2a
         res.bwd_bubble = 1 - min(bwd.compute) / res.bwd if res.bwd else 0.0
-        res.bwd_steps = bwd.steps
+        res.bwd_steps, res.bwd_comm = bwd.steps, bwd.comm
     return res
 
 
