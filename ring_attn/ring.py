@@ -35,7 +35,6 @@ from .block import RingSpec, backward_block, forward_block
 from .comm import DKV_TAG, KV_TAG, RingComm, group_info, pack, unpack
 from .errors import refuse_double_backward
 from .merge import acc_dtype
-from .profile import recorder, span
 from .validate import agree_on_backward, agree_on_inputs, rows_nonfinite
 
 Tensor = torch.Tensor
@@ -48,17 +47,14 @@ def ring_forward(spec: RingSpec, comm: Optional[RingComm], q: Tensor, k: Tensor,
     kv = pack([k, v]) if spec.world_size > 1 else None
     spare = torch.empty_like(kv) if kv is not None else None
     acc = None
-    rec = recorder()  # None unless profiling (ring_attn.profile): one global read per call
     for blk in spec.plan:
         pending = None
         if blk.step + 1 < spec.world_size:
             pending = comm.exchange(kv, spare, KV_TAG)
         kb, vb = (k, v) if kv is None else unpack(kv, shapes)
-        with span(rec, "fwd", blk.step, "compute"):
-            acc = forward_block(spec, blk, q, kb, vb, mask, acc)
+        acc = forward_block(spec, blk, q, kb, vb, mask, acc)
         if pending is not None:
-            with span(rec, "fwd", blk.step, "wait"):
-                pending.wait()
+            pending.wait()
             kv, spare = spare, kv
     return acc
 
@@ -90,18 +86,15 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
     kv = pack([k, v]) if p > 1 else None
     spare = torch.empty_like(kv) if kv is not None else None
     pending_dkv = None
-    rec = recorder()
     for blk in spec.plan:
         pending_kv = None
         if blk.step + 1 < p:
             pending_kv = comm.exchange(kv, spare, KV_TAG)
         kb, vb = (k, v) if kv is None else unpack(kv, shapes)
-        with span(rec, "bwd", blk.step, "compute"):
-            grads = backward_block(spec, blk, dout, q, kb, vb, out, lse, mask)
+        grads = backward_block(spec, blk, dout, q, kb, vb, out, lse, mask)
         # The accumulator of the K/V shard held now arrived from r-1 while we computed.
         if pending_dkv is not None:
-            with span(rec, "bwd", blk.step, "wait"):
-                pending_dkv.wait()
+            pending_dkv.wait()
         acc = dkv[blk.step % 2]
         if grads is not None:
             grads.add_to(dq, *unpack(acc, shapes))
@@ -111,12 +104,10 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
             # accumulator of our own K/V shard, home after visiting every rank.
             pending_dkv = comm.exchange(acc, dkv[(blk.step + 1) % 2], DKV_TAG)
         if pending_kv is not None:
-            with span(rec, "bwd", blk.step, "wait"):
-                pending_kv.wait()
+            pending_kv.wait()
             kv, spare = spare, kv
     if pending_dkv is not None:
-        with span(rec, "bwd", p, "wait"):  # the last hop: our own dK/dV comes home
-            pending_dkv.wait()
+        pending_dkv.wait()
     dk, dv = unpack(dkv[p % 2], shapes)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
