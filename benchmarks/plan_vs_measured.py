@@ -6,8 +6,8 @@
 For each P and S it runs ring_attn.ring_attention forward + backward (zigzag, causal,
 B=1 H=8 D=64 float32, as benchmarks/bench_ring.py) and compares, per rank:
   peak memory  peak RSS over fwd+bwd minus the RSS before the inputs (bench_ring's
-               measurement) vs model.layer_memory (+ dout, alive through the forward here)
-               -- goal within 10%
+               measurement) vs model.layer_memory with the CPU kernels' workspace (+ dout,
+               alive through the forward here) -- goal within 10%
   step time    (fwd or bwd wall time) / P vs the planner's pass time / P -- goal 25%
   bubble       wait / wall of the ring steps, worst rank (bench_ring.StepTimer, which
                wraps the real ring's block calls and waits) vs the planner's worst-rank
@@ -52,6 +52,15 @@ def lse_bytes() -> int:
     return ops.attn_fwd(q, q, q, out_fp32=True)[1].element_size()
 
 
+def inputs(shape: tuple[int, ...], g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """q, k, v (requiring grad) and dout; no other reference survives (a loop variable
+    left holding v and v.grad once hid 16 MiB of the previous pass from the baseline)."""
+    q, k, v, dout = (torch.randn(shape, generator=g) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+    return q, k, v, dout
+
+
 def worker(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -69,9 +78,7 @@ def worker(args: argparse.Namespace) -> None:
         for _ in range(args.iters):
             reset_peak_rss()
             base = rss_mib()[0]
-            q, k, v, dout = (torch.randn(shape, generator=g) for _ in range(4))
-            for t in (q, k, v):
-                t.requires_grad_()
+            q, k, v, dout = inputs(shape, g)
             dist.barrier()
             with StepTimer() as timer:
                 t0 = time.perf_counter()
@@ -99,12 +106,14 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def predict(dev: M.Device, fab: M.Fabric, world: int, seq: int, lse_b: int) -> dict[str, float]:
+def predict(dev: M.Device, fab: M.Fabric, world: int, seq: int, lse_b: int,
+            cores: int) -> dict[str, float]:
     sh = M.Shape(H, H, D, 1, B, None, 4, 4, lse_b)
     s_local = seq // world
-    mem = M.layer_memory(sh, s_local, world, train=True)
+    threads = max(1, cores // world)      # the worker's torch.set_num_threads
+    mem = M.layer_memory(sh, s_local, world, True, threads)
     o_bytes = B * H * s_local * D * 4
-    fwd_live = M.layer_memory(sh, s_local, world, train=False).peak + o_bytes   # + dout
+    fwd_live = M.layer_memory(sh, s_local, world, False, threads).peak + o_bytes  # + dout
     res = {"peak_mib": max(fwd_live, mem.peak) / 2 ** 20}
     for ph in ("fwd", "bwd"):
         t = M.ring_time(sh, s_local, world, "zigzag", True, dev, fab, ph)
@@ -140,13 +149,14 @@ def run(args: argparse.Namespace) -> None:
     for line in open(raw):
         m = json.loads(line)
         ranks = m["ranks"]
-        pred = predict(dev, fab, m["world"], m["seq"], lse_b)
+        cores = os.cpu_count() or 1
+        pred = predict(dev, fab, m["world"], m["seq"], lse_b, cores)
         row = {"S": m["seq"] // m["world"]}
         for col, key in (("fwd", "fwd_flops"), ("bwd", "bwd_flops"),
                          ("cfwd", "causal_fwd_flops"), ("cbwd", "causal_bwd_flops")):
             row[col] = min(r["inline"][key] for r in ranks)   # the slowest rank's
         now = M.Device("inline", row["fwd"], 0, 1.0, row["bwd"], table=(row,))
-        inl = predict(now, fab, m["world"], m["seq"], lse_b)
+        inl = predict(now, fab, m["world"], m["seq"], lse_b, cores)
         for k in ("fwd_step_s", "bwd_step_s", "fwd_bubble_pct", "bwd_bubble_pct"):
             pred[k + "_inline"] = inl[k]
         meas = {"peak_mib": max(r["peak_mib"] for r in ranks),

@@ -198,3 +198,24 @@ def test_calibrated_rates_by_hand():
     half = 2 * 2000 ** 2 * 4 / 18.0
     assert t.steps == pytest.approx([diag, half])
     assert not M.step_masked(1, 1, 2, "zigzag", True) and M.step_masked(1, 1, 2, "striped", True)
+
+
+def test_cpu_workspace_by_hand():
+    # fp32, B=1, Hq=Hk=8, D=64, S_local=4096, 2 threads: forward packs K^T (8 MiB); the
+    # backward keeps one key chunk (B*Hk = 8 >= 2*threads) of 4096 keys per thread,
+    # 4096 * (3*64 + 2*64) floats = 5 MiB each.
+    sh = M.Shape(heads=8, kv_heads=8, head_dim=64, dtype_bytes=4, acc_bytes=4)
+    assert M.cpu_workspace(sh, 4096, 2) == (8 * 2 ** 20, 2 * 5 * 2 ** 20)
+    # bf16: V is packed too; one KV head and 4 threads: 8 chunks of 512 keys, + 8 dQ slices
+    sh = M.Shape(heads=2, kv_heads=1, head_dim=64, dtype_bytes=2, acc_bytes=4)
+    fwd, bwd = M.cpu_workspace(sh, 4096, 4)
+    assert fwd == 2 * 4096 * 64 * 4
+    assert bwd == 4 * 512 * 320 * 4 + 8 * (2 * 4096 * 64 * 4)
+    base = M.layer_memory(sh, 4096, 2, True)
+    with_ws = M.layer_memory(sh, 4096, 2, True, cpu_threads=4)
+    # the backward's kernel phase: fp32 partials (Q+K+V)*4 + delta R*4 + workspace now
+    # exceeds the bf16 delta temporaries 3*O*4 that set the peak without it
+    q, kv, o, r = 2 * 4096 * 64, 4096 * 64, 2 * 4096 * 64, 2 * 4096
+    partial0, temps = (q + 2 * kv) * 4 + r * 4, 3 * o * 4
+    assert temps > partial0
+    assert with_ws.peak - base.peak == partial0 + bwd - temps

@@ -129,13 +129,40 @@ def _counts(sh: Shape, s_local: int) -> dict[str, int]:
             "O": b * hq * s_local * dv, "R": b * hq * s_local}
 
 
-def layer_memory(sh: Shape, s_local: int, world: int, train: bool = True) -> Memory:
+def cpu_workspace(sh: Shape, s_local: int, threads: int) -> tuple[float, float]:
+    """Bytes ring_attn's CPU kernels allocate inside one call on an S_local block
+    (forward, backward); the CUDA kernels allocate none of this size.
+
+    Forward (attention_fwd.cpp:86-90): K^T packed once per call in the accumulation type,
+    [B*Hk][ceil(S/512)][D][512], and V too when it cannot be read in place (a dtype
+    narrower than the accumulator). Backward (attention_bwd.cpp:86-131): per thread, the
+    key chunk's K, K^T, V^T, dK, dV in the accumulation type (CK*(3D + 2Dv)); keys split
+    into chunks only when B*Hk < 2*threads, then one float32 dQ slice per chunk."""
+    b, hk, d, dv, a = sh.batch, sh.kv_heads, sh.head_dim, sh.dv, sh.acc_bytes
+    kb = min(512, s_local)
+    fwd = b * hk * math.ceil(s_local / kb) * kb * d * a
+    if sh.dtype_bytes != a:
+        fwd += b * hk * s_local * dv * a
+    kb, nkb = min(128, s_local), math.ceil(s_local / min(128, s_local))
+    nchunks = min(nkb, math.ceil(2 * threads / (b * hk))) if b * hk < 2 * threads else 1
+    q_slice = b * sh.heads * s_local * d * a
+    nchunks = max(1, min(nchunks, (512 << 20) // max(q_slice, 1)))
+    ck = math.ceil(nkb / nchunks) * kb
+    bwd = threads * ck * (3 * d + 2 * dv) * a + (nchunks * q_slice if nchunks > 1 else 0)
+    return float(fwd), float(bwd)
+
+
+def layer_memory(sh: Shape, s_local: int, world: int, train: bool = True,
+                 cpu_threads: int = 0) -> Memory:
     """Peak bytes of one ring attention call (forward, and backward when train) on one
-    device, counting its inputs q, k, v (and dout), as the pass-KV ring allocates them."""
+    device, counting its inputs q, k, v (and dout), as the pass-KV ring allocates them.
+    cpu_threads > 0 adds the CPU kernels' workspace (cpu_workspace) for that many
+    threads."""
     c = _counts(sh, s_local)
     e, a, l = sh.dtype_bytes, sh.acc_bytes, sh.lse_bytes
     Q, K, V, O, R = c["Q"], c["K"], c["V"], c["O"], c["R"]
     ring = world > 1
+    ws_f, ws_b = cpu_workspace(sh, s_local, cpu_threads) if cpu_threads else (0.0, 0.0)
     it: dict[str, float] = {
         "q, k, v (inputs)": (Q + K + V) * e,
         "out": O * e,                               # ring.py:120, saved for backward
@@ -147,8 +174,13 @@ def layer_memory(sh: Shape, s_local: int, world: int, train: bool = True) -> Mem
         # out.to(acc) * w product, both block-sized (the whole shard here)
         "step partial out + merge temp": 2 * O * a + R * (l + 5 * a) if ring else 0,
     }
+    if cpu_threads:
+        it["CPU kernel workspace (fwd / bwd)"] = max(ws_f, ws_b)
+    # during a step's kernel: its partial (out, lse) and the kernel's workspace; after
+    # it, the merge's temporaries (the workspace is freed by then)
+    in_kernel = (O * a + R * l if ring else 0) + ws_f
     fwd_loop = (it["q, k, v (inputs)"] + it["K/V double buffer"] + it["fp32 out accumulator"]
-                + R * l + it["step partial out + merge temp"])
+                + R * l + max(in_kernel, it["step partial out + merge temp"]))
     # ring.py:120 acc_out.to(q.dtype) while the float32 accumulator is alive
     fwd_end = it["q, k, v (inputs)"] + O * e + O * a + R * l
     phases = {"forward": max(fwd_loop, fwd_end)}
@@ -162,7 +194,7 @@ def layer_memory(sh: Shape, s_local: int, world: int, train: bool = True) -> Mem
         # block-sized temporaries for a narrower dtype, one (the product) for fp32
         temps = (3 if e < a else 1) * O * a
         # attn_host.cpp:292-294 float32 partial gradients of one block (block.py:147-151)
-        partial = (Q + K + V) * a + R * a
+        partial = (Q + K + V) * a + R * a + ws_b
         it["step partials (dq, dk, dv) / delta temp"] = max(temps, partial)
         bwd_base = (saved + it["dout"] + it["fp32 dq accumulator"]
                     + it["fp32 dK/dV travelling pair"] + it["K/V double buffer"])
@@ -182,7 +214,7 @@ def saved_per_layer(sh: Shape, s_local: int) -> float:
 
 
 def model_memory(sh: Shape, s_local: int, world: int, train: bool = True,
-                 checkpointing: bool = False) -> Memory:
+                 checkpointing: bool = False, cpu_threads: int = 0) -> Memory:
     """Attention memory of the whole model per device.
 
     Training without checkpointing: every layer's saved q, k, v, out, lse stay alive until
@@ -190,7 +222,7 @@ def model_memory(sh: Shape, s_local: int, world: int, train: bool = True,
     checkpointing: only the layers' inputs (B*Sl*hidden, the residual stream) stay, and
     one layer is recomputed at a time. Inference (prefill): the KV cache of every layer
     plus one layer's forward."""
-    one = layer_memory(sh, s_local, world, train)
+    one = layer_memory(sh, s_local, world, train, cpu_threads)
     items = {"one layer (peak)": one.peak}
     saved = saved_per_layer(sh, s_local)
     if not train:
@@ -394,11 +426,11 @@ def options(sh: Shape, seq: int, world: int, causal: bool, device: Device, fabri
 
 
 def max_context(sh: Shape, world: int, budget: float, train: bool, checkpointing: bool,
-                multiple: int) -> int:
+                multiple: int, cpu_threads: int = 0) -> int:
     """Largest S (a multiple of `multiple`) whose attention memory per device fits budget.
     Memory is linear in S_local, so two evaluations give it exactly."""
     def mem(s_local: int) -> float:
-        return model_memory(sh, s_local, world, train, checkpointing).peak
+        return model_memory(sh, s_local, world, train, checkpointing, cpu_threads).peak
     unit = multiple // world if multiple >= world else 1
     m1, m2 = mem(unit), mem(2 * unit)
     slope = m2 - m1

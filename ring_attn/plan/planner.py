@@ -62,8 +62,10 @@ def plan(model: str = "llama3-8b", seq: int | str = "1M", devices: int = 8,
     budget_b = parse_bytes(budget) if isinstance(budget, str) else (budget or dev.memory)
     reserve_b = parse_bytes(reserve) if isinstance(reserve, str) else float(reserve)
     s_local = seq // devices
-    layer = M.layer_memory(sh, s_local, devices, train)
-    whole = M.model_memory(sh, s_local, devices, train, checkpointing)
+    # ring_attn's CPU kernels allocate a workspace per call (model.cpu_workspace)
+    threads = (max(1, dev.cores // devices) if fab.shared_host else dev.cores) if dev.cores else 0
+    layer = M.layer_memory(sh, s_local, devices, train, threads)
+    whole = M.model_memory(sh, s_local, devices, train, checkpointing, threads)
     opts = M.options(sh, seq, devices, causal, dev, fab, train)
     key = (lambda o: o.fwd + o.bwd)
     best = min(opts, key=key)
@@ -71,7 +73,8 @@ def plan(model: str = "llama3-8b", seq: int | str = "1M", devices: int = 8,
     overlap = {ph: M.min_tokens_for_overlap(sh, dev, fab, ph, causal, devices)
                for ph in (("fwd", "bwd") if train else ("fwd",))}
     c, c6 = M.paper_min_block(dev.flops, fab.bandwidth)
-    max_ctx = M.max_context(sh, devices, budget_b - reserve_b, train, checkpointing, multiple)
+    max_ctx = M.max_context(sh, devices, budget_b - reserve_b, train, checkpointing, multiple,
+                            threads)
     fits = whole.peak + reserve_b <= budget_b
     return {
         "model": model if shape is None else "custom", "shape": sh.__dict__,
