@@ -52,11 +52,14 @@ DEVICES: dict[str, Device] = {
                    source="NVIDIA DGX B200 datasheet: 72 PFLOPS FP8 training / 8 GPUs, "
                           "4.5 PFLOPS FP16/BF16 with sparsity per GPU (2.25 dense), "
                           "1440 GB / 8 = 180 GB HBM3e"),
-    # Measured by calibrate.py on the 2-core development VM (AMD EPYC, torch 2.15 CPU),
-    # ring_attn's own CPU kernels, fp32, B=1 H=8 D=64, at S = 2048 (fwd / bwd), 2026-11-28.
-    "cpu": Device("this CPU (2-core VM, calibrated)", 12.0e9, 8 * GiB, 1.0,
-                  flops_bwd=7.0e9, cores=2, core_flops=7.0e9, core_flops_bwd=4.0e9,
-                  source="python -m ring_attn.plan --calibrate (2-core VM)"),
+    # Measured by calibrate.py on the 2-core development VM (AMD EPYC, AVX-512, torch
+    # 2.15), ring_attn's own CPU kernels, fp32, B=1 H=8 D=64, whole S = 2048 blocks, at a
+    # load average of ~3 (2026-11-28 17:03 UTC): 182 / 201 GFLOP/s forward / backward on
+    # 2 threads, 98 / 103 on one. At a load of 10-18 the same calibration gave 5-7x less:
+    # calibrate on the machine, at the time, you plan for.
+    "cpu": Device("this CPU (2-core VM, calibrated)", 182e9, 25e9, 1.0,
+                  flops_bwd=201e9, cores=2, core_flops=98e9, core_flops_bwd=103e9,
+                  source="python -m ring_attn.plan --calibrate (2-core VM, 17:03 UTC)"),
 }
 
 FABRICS: dict[str, Fabric] = {
@@ -78,9 +81,10 @@ FABRICS: dict[str, Fabric] = {
                     source="32 GT/s x 16 lanes, 128b/130b: 63 GB/s per direction"),
     "ethernet": Fabric("Ethernet 100 GbE (RoCE)", 12.5 * GB, 20e-6,
                        source="100 Gb/s = 12.5 GB/s per direction"),
-    # Measured by calibrate.py: 2 local processes, gloo send/recv of 1-64 MiB (2-core VM).
-    "gloo": Fabric("gloo loopback (calibrated)", 1.5 * GB, 100e-6, shared_host=True,
-                   source="python -m ring_attn.plan --calibrate (2-core VM)"),
+    # Measured by calibrate.py: 2 local processes, gloo send/recv of 4 KiB-16 MiB, fitted
+    # in relative error (2-core VM, 2026-11-28 17:03 UTC).
+    "gloo": Fabric("gloo loopback (calibrated)", 2.6 * GB, 79e-6, shared_host=True,
+                   source="python -m ring_attn.plan --calibrate (2-core VM, 17:03 UTC)"),
 }
 
 
