@@ -134,10 +134,10 @@ def run(args: argparse.Namespace) -> None:
         calibrate(sizes=[1024, 2048, 4096], out=preset)
     dev, fab, cal = load_preset(preset)
     raw = os.path.join(RESULTS, "plan_vs_measured.jsonl")
-    if os.path.exists(raw):
+    if os.path.exists(raw) and not args.from_raw:
         os.remove(raw)
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
-    for world in args.worlds:
+    for world in [] if args.from_raw else args.worlds:
         seqs = [s for s in args.seq_lens if s % (2 * world) == 0]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={world}", os.path.abspath(__file__), "--worker",
@@ -166,13 +166,21 @@ def run(args: argparse.Namespace) -> None:
                 "bwd_bubble_pct": max(r["bwd_bubble_pct"] for r in ranks)}
         rows.append({"world": m["world"], "seq": m["seq"], "pred": pred, "meas": meas})
     info = dict(machine_info(), load_start=load_start)
+    if args.from_raw:   # the measurement's machine record, not this re-analysis's
+        with open(os.path.join(RESULTS, "plan_vs_measured.json")) as f:
+            prev = json.load(f)
+        info, wall_s = prev["machine"], prev.get("wall_s", 0.0)
+    else:
+        wall_s = time.time() - t_start
     command = "python benchmarks/plan_vs_measured.py " + " ".join(sys.argv[1:])
-    md = report(rows, info, command, cal, time.time() - t_start, lse_b)
+    if args.from_raw:
+        command = prev["command"] + "  (predictions re-derived with --from-raw)"
+    md = report(rows, info, command, cal, wall_s, lse_b)
     with open(os.path.join(RESULTS, "plan_vs_measured.md"), "w") as f:
         f.write(md)
     with open(os.path.join(RESULTS, "plan_vs_measured.json"), "w") as f:
-        json.dump({"machine": info, "command": command, "preset": cal, "rows": rows}, f,
-                  indent=1)
+        json.dump({"machine": info, "command": command.split("  (")[0], "preset": cal,
+                   "rows": rows, "wall_s": wall_s}, f, indent=1)
     print(md)
 
 
@@ -244,6 +252,8 @@ def main() -> None:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384])
     p.add_argument("--iters", type=int, default=2, help="passes per configuration; the "
                    "fastest (by its slowest rank) is reported")
+    p.add_argument("--from-raw", action="store_true", help="no new measurement: predict "
+                   "again for results/plan_vs_measured.jsonl (with --preset)")
     args = p.parse_args()
     if args.worker:
         worker(args)

@@ -36,14 +36,17 @@ def test_layer_memory_by_hand():
     # forward loop: inputs 512 + kv 512 + acc out 256 + acc lse 128 + partial and merge
     # product 2*256 + partial lse and 5 merge rows 16*(8+20) = 2368
     # backward loop: saved (q,k,v,out) 768 + lse 128 + dout 256 + dq 256 + dkv 512 +
-    # kv 512 = 2432, plus the block's fp32 partials 512 + their lse-sized delta 64 = 3008
-    assert mem.peak == 3008 and mem.peak_phase == "backward"
+    # kv 512 = 2432, plus the block's fp32 partials 512 + their lse-sized delta 64, plus
+    # the previous step's partials 512 (alive until `grads` is rebound) = 3520
+    assert it["previous step's partials"] == 128 * 4
+    assert mem.peak == 3520 and mem.peak_phase == "backward"
     fwd = M.layer_memory(sh, 8, 2, train=False)
     assert fwd.peak == 2368 and fwd.peak_phase == "forward"
     # one rank: no K/V buffers, one dK/dV accumulator, no per-step partials
     one = M.layer_memory(sh, 8, 1, train=True)
     assert one.items["K/V double buffer"] == 0
     assert one.items["fp32 dK/dV travelling pair"] == 64 * 4
+    assert one.items["previous step's partials"] == 0    # one step only
     assert one.peak == 896 + 256 + 256 + 256 + 576  # saved, dout, dq, dkv, partials
 
 

@@ -196,9 +196,14 @@ def layer_memory(sh: Shape, s_local: int, world: int, train: bool = True,
         # attn_host.cpp:292-294 float32 partial gradients of one block (block.py:147-151)
         partial = (Q + K + V) * a + R * a + ws_b
         it["step partials (dq, dk, dv) / delta temp"] = max(temps, partial)
+        # ring.py:98 `grads = backward_block(...)`: the previous step's partials stay
+        # alive through the next step's kernel call, until the name is rebound (found by
+        # sampling RSS around backward_block at P=2: +18 MiB where +12 were expected)
+        it["previous step's partials"] = (Q + K + V) * a if ring else 0
         bwd_base = (saved + it["dout"] + it["fp32 dq accumulator"]
                     + it["fp32 dK/dV travelling pair"] + it["K/V double buffer"])
-        bwd_loop = bwd_base + it["step partials (dq, dk, dv) / delta temp"]
+        bwd_loop = (bwd_base + it["previous step's partials"]
+                    + it["step partials (dq, dk, dv) / delta temp"])
         # ring.py:112: dq.to, dk.to, dv.to run while every buffer of the loop is alive
         it["dq, dk, dv (outputs)"] = (Q + K + V) * e
         bwd_end = bwd_base + it["dq, dk, dv (outputs)"]
