@@ -12,7 +12,6 @@ import math
 import os
 
 import pytest
-import torch
 
 from ring_attn.layout import global_positions
 from ring_attn.plan import model as M
