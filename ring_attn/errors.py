@@ -34,6 +34,11 @@ class RingAttnNotImplementedError(RingAttnException, NotImplementedError):
 
 
 DOUBLE_BACKWARD = "ring_attn: double backward (create_graph=True) is not supported"
+SATURATED = ("ring_attn: a query row whose every key is masked by a huge finite additive "
+             "value (|log-sum-exp| > 2^33, e.g. torch.finfo(float32).min) receives a non-zero "
+             "gradient; its backward cannot be exact (log(n) is below float64's spacing "
+             "there). Use a bool mask (or -inf), or give such rows a zero upstream gradient "
+             "(a loss that ignores them)")
 
 
 def refuse_double_backward() -> None:

@@ -29,6 +29,21 @@ Tensor = torch.Tensor
 LSE_DTYPE = torch.float64
 
 
+# Beyond this |lse| a float64 lse no longer holds log(n) to float32 accuracy: its spacing
+# is 2^(33-52) = 2^-19, so exp(S - lse) in the backward is off by up to 2^-20 relative
+# (8 float32 ulps), and at |lse| ~ 3.4e38 (finfo(float32).min masks) by a factor of n.
+# Only a huge finite additive mask (or a score beyond 8.6e9) gets a row there.
+LSE_EXACT_LIMIT = 2.0 ** 33
+
+
+def saturated_rows(lse: Tensor, dout: Tensor) -> Tensor:
+    """0-D bool tensor (no host sync): some row with |lse| beyond LSE_EXACT_LIMIT gets a
+    non-zero upstream gradient, so its backward would not be exact. Rows whose dout is 0
+    (e.g. padding a loss ignores) contribute exactly 0 whatever their P, and pass."""
+    big = lse.abs() > LSE_EXACT_LIMIT   # NaN rows are the non-finite rule's, not this one's
+    return (big & dout.ne(0).any(-1)).any()
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of out for inputs of dtype: float64 stays, everything else
     float32."""

@@ -42,8 +42,8 @@ import torch.distributed as dist
 
 from .block import RingSpec, backward_block, forward_block
 from .comm import GradTransit, HeldKV, RingComm, group_info
-from .errors import refuse_double_backward
-from .merge import acc_dtype
+from .errors import SATURATED, RingAttnError, refuse_double_backward
+from .merge import acc_dtype, saturated_rows
 from .validate import agree_on_backward, agree_on_inputs, rows_nonfinite
 
 Tensor = torch.Tensor
@@ -69,9 +69,12 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
     # backward) before any K/V moves: raises on every rank otherwise (validate.py).
     if comm is None:
         refuse_double_backward()
+        if bool(saturated_rows(lse, dout)):
+            raise RingAttnError(SATURATED)
     else:
         flags = agree_on_backward(comm.info, spec.call, dout, torch.is_grad_enabled(),
-                                  rows_nonfinite(q, None, dout, out))
+                                  rows_nonfinite(q, None, dout, out),
+                                  saturated_rows(lse, dout))
         rows = tuple(a or b for a, b in zip(spec.rows_nonfinite or (False,) * len(flags),
                                             flags))
         if rows != spec.rows_nonfinite and any(rows):

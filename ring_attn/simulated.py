@@ -20,12 +20,13 @@ from typing import Any, Optional
 import torch
 
 from .block import RingSpec, backward_block, forward_block
-from .errors import RingAttnError, RingAttnNotImplementedError, refuse_double_backward
+from .errors import (SATURATED, RingAttnError, RingAttnNotImplementedError,
+                     refuse_double_backward)
 from .functional import check_bool, draw_seed, validate_inputs
 from .documents import check_cu_seqlens
 from .layout import check_global_length, resolve_layout, shard_tensor, unshard_tensors
 from .packing import packed_plan
-from .merge import acc_dtype
+from .merge import acc_dtype, saturated_rows
 from .validate import check_softcap, check_window, kv_nonfinite, rows_nonfinite
 
 Tensor = torch.Tensor
@@ -77,6 +78,8 @@ class _SimulatedRing(torch.autograd.Function):
         qs, ks, vs, outs, lses = (saved[i * p:(i + 1) * p] for i in range(5))
         cu = specs[0].docs
         douts = [shard_tensor(dout, r, p, layout, cu_seqlens=cu) for r in range(p)]
+        if any(bool(saturated_rows(lses[r], douts[r])) for r in range(p)):
+            raise RingAttnError(SATURATED)
         if specs[0].visibility.has_rule:  # as ring.py's backward: non-finite dout or out
             bad = [bool(rows_nonfinite(qs[r], None, douts[r], outs[r])) for r in range(p)]
             rows = tuple(a or b for a, b in zip(specs[0].rows_nonfinite or (False,) * p, bad))

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from .comm import GroupInfo
 from .documents import check_cu_seqlens
-from .errors import (DOUBLE_BACKWARD, RingAttnError, RingAttnException,
+from .errors import (DOUBLE_BACKWARD, SATURATED, RingAttnError, RingAttnException,
                      RingAttnNotImplementedError, RingAttnTypeError)
 from .functional import (_has_kernel, check_bool, check_dropout_p, check_mask_type,
                          check_softcap, check_window,
@@ -403,7 +403,8 @@ def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
 
 
 def agree_on_backward(info: GroupInfo, call: int, dout: Tensor, create_graph: bool,
-                      rows_flag: Tensor) -> tuple[bool, ...]:
+                      rows_flag: Tensor, saturated: Optional[Tensor] = None
+                      ) -> tuple[bool, ...]:
     """Start of a ring backward: one small all_gather (a vector of the forward's length,
     so a rank still in a forward pairs with it safely) checks that every rank is in the
     backward of the same ring call, with dout of the same shape and dtype, and that none
@@ -411,10 +412,15 @@ def agree_on_backward(info: GroupInfo, call: int, dout: Tensor, create_graph: bo
     Cost: one all_gather of 27 int64 per backward (about 0.1 ms on gloo) and, on NCCL,
     the host sync of reading it back. rows_flag (0-D, rows_nonfinite of this rank's q,
     dout, out) rides in the last slot; returns every rank's, read with the same sync (a
-    rank's non-finite rows make every rank send it the K/V it would otherwise skip)."""
+    rank's non-finite rows make every rank send it the K/V it would otherwise skip).
+    saturated (0-D, merge.saturated_rows of this rank's lse and dout) rides in the slot
+    before it: any rank's makes every rank raise (the backward could not be exact)."""
     fields = [call, int(create_graph), *dout.shape, _DTYPES.index(dout.dtype)]
     row = [_MAGIC_BWD, int(create_graph), *fields]
-    rows = _gather(row + [0] * (_ROW - len(row)), info, rows_flag.reshape(1))
+    flags = torch.stack([torch.zeros((), dtype=torch.bool, device=rows_flag.device)
+                         if saturated is None else saturated.to(rows_flag.device),
+                         rows_flag.reshape(())])
+    rows = _gather(row + [0] * (_ROW - len(row)), info, flags)
     _check_phase(rows, _MAGIC_BWD, info)
     if create_graph:
         raise RingAttnError(DOUBLE_BACKWARD)
@@ -422,6 +428,9 @@ def agree_on_backward(info: GroupInfo, call: int, dout: Tensor, create_graph: bo
     if asked:
         raise RingAttnError(f"{DOUBLE_BACKWARD}: rank(s) {asked} asked for it "
                             f"(create_graph=True); this rank ({info.rank}) stops too")
+    inexact = [r for r, row_r in enumerate(rows) if row_r[-2] != 0]
+    if inexact:
+        raise RingAttnError(f"{SATURATED} (rank(s) {inexact}; every rank stops)")
 
     def show(name: str, value: int) -> str:
         return _show("dtype", value) if name == "dout dtype" else str(value)

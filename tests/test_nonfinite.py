@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ring_attn
+from dist_utils import assert_all_ok, run_ranks
 from ring_attn import ops
+from ring_attn.simulated import simulated_ring_attention
 
 Tensor = torch.Tensor
 
@@ -319,3 +321,58 @@ def test_avx2_path_cpu() -> None:
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ok")
+
+
+# --- Beyond the kernels' limit: refused where a gradient would reach it ------------------
+
+def _saturating_inputs(fill: float):
+    """Row 5 of a [1, 2, 12, 8] float32 problem is masked by `fill` on every key."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(4))
+    mask = torch.zeros(1, 1, 12, 12)
+    mask[0, 0, 5, :] = fill
+    return q, k, v, dout, mask
+
+
+@pytest.mark.parametrize("fill", [-3.4e38, -1e12])
+def test_saturated_row_refused_or_exact_through_autograd(fill: float) -> None:
+    """A row with |lse| > 2^33 (merge.LSE_EXACT_LIMIT) and a non-zero upstream gradient
+    raises instead of returning a gradient n times too large (the op-level xfail above);
+    with a zero gradient there (a loss ignoring the row), the result is exact."""
+    q, k, v, dout, mask = _saturating_inputs(fill)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ring_attn.scaled_dot_product_attention(*xs, attn_mask=mask)
+    with pytest.raises(RuntimeError, match="huge finite additive"):
+        torch.autograd.grad(out, xs, dout)
+    dout[:, :, 5] = 0
+    out = ring_attn.scaled_dot_product_attention(*xs, attn_mask=mask)
+    got = torch.autograd.grad(out, xs, dout)
+    x64 = [t.double().requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = F.scaled_dot_product_attention(*x64, attn_mask=mask.double())
+    want = torch.autograd.grad(ref, x64, dout.double())
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5, msg=name)
+    # The simulated ring refuses the same way (every virtual rank's rows are checked).
+    ys = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = simulated_ring_attention(*ys, world_size=2, layout="contiguous", attn_mask=mask)
+    dout[:, :, 5] = 1
+    with pytest.raises(RuntimeError, match="huge finite additive"):
+        torch.autograd.grad(out, ys, dout)
+
+
+def _saturated_ring_worker(rank: int, world: int) -> str:
+    q, k, v, dout, mask = _saturating_inputs(-3.4e38)
+    local = [ring_attn.shard(t, dim=2, layout="contiguous").requires_grad_() for t in (q, k, v)]
+    m = ring_attn.shard(mask, dim=2, layout="contiguous")
+    out = ring_attn.ring_attention(*local, attn_mask=m, layout="contiguous")
+    try:  # row 5 lives on rank 0 only: rank 1 must raise too, not wait for K/V
+        torch.autograd.grad(out, local, ring_attn.shard(dout, dim=2, layout="contiguous"))
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_saturated_row_refused_on_every_rank(tmp_path) -> None:
+    msgs = assert_all_ok(run_ranks(_saturated_ring_worker, 2, tmp_path, pg_timeout_s=30))
+    assert all("huge finite additive" in m and "rank(s) [0]" in m for m in msgs), msgs
