@@ -4,14 +4,15 @@ from .functional import attention, scaled_dot_product_attention
 from .layout import pad_for_ring, positions, resolve_layout, shard, unshard
 from .parallel.hybrid import hybrid_attention, hybrid_positions, hybrid_shard, hybrid_unshard
 from .parallel.ulysses import ulysses_attention
+from .profile import profile
 from .ring import ring_attention
 from .sequence_parallel import sequence_parallel
 from .varlen import varlen_attention
-from . import packing, simulated  # noqa: E402,F401  (ring_attn.packing, ring_attn.simulated)
+from . import packing, plan, simulated  # noqa: E402,F401  (subpackages / modules by name)
 
 __all__ = ["scaled_dot_product_attention", "attention", "varlen_attention",
            "cu_seqlens_from_position_ids", "ring_attention", "ulysses_attention",
            "hybrid_attention", "shard", "unshard", "positions", "pad_for_ring",
            "resolve_layout", "hybrid_shard", "hybrid_unshard", "hybrid_positions",
-           "sequence_parallel"]
+           "sequence_parallel", "profile"]
 __version__ = "0.1.0"

@@ -44,6 +44,7 @@ from .block import RingSpec, backward_block, forward_block
 from .comm import GradTransit, HeldKV, RingComm, group_info
 from .errors import SATURATED, RingAttnError, refuse_double_backward
 from .merge import acc_dtype, saturated_rows
+from .profile import recorder, span
 from .validate import agree_on_backward, agree_on_inputs, rows_nonfinite
 
 Tensor = torch.Tensor
@@ -54,10 +55,13 @@ def ring_forward(spec: RingSpec, comm: Optional[RingComm], q: Tensor, k: Tensor,
     """This rank's attention over the whole ring: (out, lse) in the accumulation dtype."""
     held = HeldKV(comm, k, v)
     acc = None
-    for st in spec.schedule.steps:
+    rec = recorder()  # None unless profiling (profile.py)
+    for i, st in enumerate(spec.schedule.steps):
         pending = held.post(st)  # the next step's K/V, while this step computes
-        acc = forward_block(spec, st.blk, q, *held.kv, mask, acc, st.held.start)
-        held.advance(pending)
+        with span(rec, "fwd", i, "compute"):
+            acc = forward_block(spec, st.blk, q, *held.kv, mask, acc, st.held.start)
+        with span(rec, "fwd", i, "wait"):
+            held.advance(pending)
     return acc
 
 
@@ -85,17 +89,23 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
     held = HeldKV(comm, k, v)
     grads = GradTransit(comm, k, v, dq.dtype)
     steps = spec.schedule.steps
+    rec = recorder()
     for i, st in enumerate(steps):
         pending = held.post(st)
-        partial = backward_block(spec, st.blk, dout, q, *held.kv, out, lse, mask,
-                                 st.held.start)
-        dk_acc, dv_acc, first_row = grads.take(st)  # arrived while we computed
+        with span(rec, "bwd", i, "compute"):
+            partial = backward_block(spec, st.blk, dout, q, *held.kv, out, lse, mask,
+                                     st.held.start)
+        with span(rec, "bwd", i, "wait"):
+            dk_acc, dv_acc, first_row = grads.take(st)  # arrived while we computed
         if partial is not None:
             partial.add_to(dq, dk_acc, dv_acc, first_row)
+            partial = None  # its float32 partials need not outlive the next kernel call
         if comm is not None:
             grads.pass_on(st, steps[i + 1] if i + 1 < len(steps) else None)
-        held.advance(pending)
-    dk, dv = grads.finish()
+        with span(rec, "bwd", i, "wait"):
+            held.advance(pending)
+    with span(rec, "bwd", len(steps), "wait"):
+        dk, dv = grads.finish()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
