@@ -40,8 +40,17 @@ def saturated_rows(lse: Tensor, dout: Tensor) -> Tensor:
     """0-D bool tensor (no host sync): some row with |lse| beyond LSE_EXACT_LIMIT gets a
     non-zero upstream gradient, so its backward would not be exact. Rows whose dout is 0
     (e.g. padding a loss ignores) contribute exactly 0 whatever their P, and pass."""
-    big = lse.abs() > LSE_EXACT_LIMIT   # NaN rows are the non-finite rule's, not this one's
+    # -inf (no key: P = 0 exactly) and NaN rows are other rules' cases, not this one's.
+    big = (lse.abs() > LSE_EXACT_LIMIT) & torch.isfinite(lse)
     return (big & dout.ne(0).any(-1)).any()
+
+
+def tracing(t: Tensor) -> bool:
+    """Whether t is a tracer's stand-in (torch.compile, opcheck's AOT tests): a check that
+    reads tensor values on the host cannot run there."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -8,7 +8,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.ring_attn)
 from .errors import SATURATED, RingAttnError, refuse_double_backward
-from .merge import LSE_DTYPE, saturated_rows
+from .merge import LSE_DTYPE, saturated_rows, tracing
 
 Tensor = torch.Tensor
 
@@ -91,7 +91,7 @@ def _backward(ctx, dout, dlse):
         raise RuntimeError("ring_attn: gradients with respect to attn_mask are not supported")
     if dout is None:
         dout = torch.zeros_like(out)
-    elif not torch.compiler.is_compiling() and bool(saturated_rows(lse, dout)):
+    elif not tracing(lse) and bool(saturated_rows(lse, dout)):
         # One host sync per eager backward call (traced graphs cannot branch on data).
         raise RingAttnError(SATURATED)
     dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, q_offset,
