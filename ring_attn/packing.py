@@ -46,7 +46,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from .documents import check_cu_seqlens
-from .errors import RingAttnError
+from .errors import RingAttnError, RingAttnNotImplementedError
 from .layout import Run, runs_to_positions
 
 Tensor = torch.Tensor
@@ -354,3 +354,16 @@ def example_mixes(total: int, world_size: int, seed: int = 0) -> dict[str, tuple
     }
     return {name: tuple([0] + torch.tensor(ls, dtype=torch.int64).cumsum(0).tolist())
             for name, ls in lengths.items()}
+
+
+def check_packed_arguments(cu_seqlens: object, attn_mask: object) -> None:
+    """What a ring call with layout 'packed' needs besides valid boundaries: cu_seqlens
+    itself, and no attn_mask (documents already separate the tokens, and the padding rows
+    have no column in a [.., S_local, T] mask)."""
+    if cu_seqlens is None:
+        raise RingAttnError("ring_attn: layout 'packed' needs cu_seqlens (the documents it "
+                            "balances), got None")
+    if attn_mask is not None:
+        raise RingAttnNotImplementedError(
+            "ring_attn: attn_mask with layout 'packed' is not supported (documents already "
+            "separate the tokens; its padding rows lie in no document)")

@@ -20,12 +20,11 @@ from typing import Any, Optional
 import torch
 
 from .block import RingSpec, backward_block, forward_block
-from .errors import (SATURATED, RingAttnError, RingAttnNotImplementedError,
-                     refuse_double_backward)
+from .errors import SATURATED, RingAttnError, refuse_double_backward
 from .functional import check_bool, draw_seed, validate_inputs
 from .documents import check_cu_seqlens
 from .layout import check_global_length, resolve_layout, shard_tensor, unshard_tensors
-from .packing import packed_plan
+from .packing import check_packed_arguments, packed_plan
 from .merge import acc_dtype, saturated_rows
 from .validate import check_softcap, check_window, kv_nonfinite, rows_nonfinite
 
@@ -147,13 +146,7 @@ def simulated_ring_attention(query: Tensor, key: Tensor, value: Tensor, *, world
     layout = resolve_layout(layout, window, world_size, s, is_causal=is_causal)
     s_local = None
     if layout == "packed":
-        if cu_seqlens is None:
-            raise RingAttnError("ring_attn: layout 'packed' needs cu_seqlens (the documents "
-                                "it balances), got None")
-        if attn_mask is not None:
-            raise RingAttnNotImplementedError(
-                "ring_attn: attn_mask with layout 'packed' is not supported (documents "
-                "already separate the tokens; its padding rows lie in no document)")
+        check_packed_arguments(cu_seqlens, attn_mask)
         s_local = packed_plan(check_cu_seqlens(cu_seqlens, s, "cu_seqlens", query.device),
                               world_size).s_local
     else:

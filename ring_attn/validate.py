@@ -43,6 +43,7 @@ from .functional import (_has_kernel, check_bool, check_dropout_p, check_mask_ty
                          check_softcap, check_window,
                          check_scale, check_tensor, draw_seed)
 from .layout import RING_LAYOUTS, check_layout, local_runs, resolve_layout
+from .packing import check_packed_arguments
 from .merge import acc_dtype
 
 Tensor = torch.Tensor
@@ -255,6 +256,13 @@ def _local_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     if mask is None:
         return None, scale, dropout_p
+    check_mask_values(mask, q)
+    return _normalize_mask(mask, q, s * info.world_size), scale, dropout_p
+
+
+def check_mask_values(mask: Tensor, q: Tensor) -> None:
+    """What every distributed entry point asks of attn_mask besides its shape: bool or
+    the query's dtype, on the query's device, no gradient."""
     if mask.dtype != torch.bool and mask.dtype != q.dtype:
         raise RingAttnError(f"ring_attn: attn_mask dtype must be bool or the query's "
                             f"{q.dtype}, got {mask.dtype}")
@@ -264,7 +272,6 @@ def _local_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_
     if mask.requires_grad:
         raise RingAttnError("ring_attn: gradients with respect to attn_mask are not "
                             "supported")
-    return _normalize_mask(mask, q, s * info.world_size), scale, dropout_p
 
 
 def _describe(call: int, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
@@ -353,13 +360,7 @@ def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
             # The packed layout pads every rank to its plan's s_local: the documents end
             # at their own token count T <= P * S_local, and the shard length must be the
             # plan's (local_runs raises naming both).
-            if cu_seqlens is None:
-                raise RingAttnError("ring_attn: layout 'packed' needs cu_seqlens (the "
-                                    "documents it balances), got None")
-            if mask is not None:
-                raise RingAttnNotImplementedError(
-                    "ring_attn: attn_mask with layout 'packed' is not supported (documents "
-                    "already separate the tokens; its padding rows lie in no document)")
+            check_packed_arguments(cu_seqlens, mask)
             docs = check_cu_seqlens(cu_seqlens, None, "cu_seqlens", q.device)
             local_runs(info.rank, info.world_size, q.size(2), layout, docs)
         elif cu_seqlens is not None:

@@ -61,7 +61,8 @@ from ..functional import draw_seed
 from ..layout import LAYOUTS, check_layout, required_multiple
 from ..merge import acc_dtype
 from ..validate import (_DEVICES, _DTYPES, _ROW, RingInputError, _bits, _check_equal,
-                        _gather, _local_check, _next_call, _show, agree_on_backward)
+                        _gather, _local_check, _next_call, _show, agree_on_backward,
+                        check_mask_values)
 
 Tensor = torch.Tensor
 
@@ -233,15 +234,7 @@ def key_mask(mask: Optional[Tensor], q: Tensor, s_global: int) -> Optional[Tenso
     """attn_mask as a 4-D [B|1, Hq|1, 1, S] view, or raise naming the expected shape."""
     if mask is None:
         return None
-    if mask.dtype != torch.bool and mask.dtype != q.dtype:
-        raise RingAttnError(f"ring_attn: attn_mask dtype must be bool or the query's "
-                            f"{q.dtype}, got {mask.dtype}")
-    if mask.device != q.device:
-        raise RingAttnError(f"ring_attn: attn_mask must be on the query's device {q.device}, "
-                            f"got {mask.device}")
-    if mask.requires_grad:
-        raise RingAttnError("ring_attn: gradients with respect to attn_mask are not "
-                            "supported")
+    check_mask_values(mask, q)
     want = [q.size(0), q.size(1), 1, s_global]
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() <= 4 else None
     if m is None or any(m.size(i) not in (1, want[i]) for i in range(3)) or m.size(3) != want[3]:
