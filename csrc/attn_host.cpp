@@ -51,6 +51,8 @@ void check_qkv(const FwdArgs& a, c10::DeviceType device) {
               "unbounded, got ", a.window_right);
   TORCH_CHECK(std::isfinite(a.softcap) && a.softcap >= 0.0,
               "ring_attn: softcap must be finite and > 0, or 0 for off, got ", a.softcap);
+  TORCH_CHECK(a.dropout_head_offset >= 0, "ring_attn: dropout_head_offset must be >= 0, got ",
+              a.dropout_head_offset);
   TORCH_CHECK(a.cu_seqlens_q.has_value() == a.cu_seqlens_k.has_value(),
               "ring_attn: cu_seqlens_q and cu_seqlens_k must be given together, got ",
               a.cu_seqlens_q.has_value() ? "cu_seqlens_q only" : "cu_seqlens_k only");
@@ -214,6 +216,7 @@ void fill_common(const FwdArgs& a, PreparedInputs& r, Params& p) {
   dp.p = a.dropout_p;
   dp.threshold = dropout_threshold(a.dropout_p);
   dp.seed = 0;
+  dp.head_offset = a.dropout_head_offset;
   if (a.dropout_p > 0.0) {
     TORCH_CHECK(a.seed.has_value(), "ring_attn: seed is required when dropout_p > 0 (got dropout_p = ",
                 a.dropout_p, " and no seed)");

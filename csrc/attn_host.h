@@ -25,6 +25,7 @@ struct FwdArgs {
   const std::optional<at::Tensor>& cu_seqlens_k;
   int64_t window_left, window_right;
   double softcap;
+  int64_t dropout_head_offset;
 };
 
 // The inputs both directions launch on, prepared once (last dim unit-stride, mask as a

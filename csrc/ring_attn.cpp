@@ -63,12 +63,14 @@ TORCH_LIBRARY(ring_attn, m) {
   //   window_left / window_right: keep key j iff qpos - left <= kpos <= qpos + right on
   //   global positions (-1: unbounded); is_causal is window_right = 0.
   //   softcap > 0: scores become softcap * tanh(score / softcap) before the mask.
+  //   dropout_head_offset: the global index of q's head 0 in the dropout RNG key.
   m.def(
       "attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, Tensor? q_pos=None, "
       "Tensor? k_pos=None, int q_offset=0, int k_offset=0, bool is_causal=False, "
       "float scale=1.0, float dropout_p=0.0, Tensor? seed=None, bool out_fp32=False, "
       "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int window_left=-1, "
-      "int window_right=-1, float softcap=0.0) -> (Tensor out, Tensor lse)");
+      "int window_right=-1, float softcap=0.0, int dropout_head_offset=0) "
+      "-> (Tensor out, Tensor lse)");
   // Gradients of attn_fwd given the (possibly ring-global) out and lse it should use.
   //   lse is converted to the accumulation dtype (float64 for float64 q, else float32).
   //   dlse (optional) is the gradient flowing into lse; it folds into delta:
@@ -81,7 +83,8 @@ TORCH_LIBRARY(ring_attn, m) {
       "int q_offset=0, int k_offset=0, bool is_causal=False, float scale=1.0, "
       "float dropout_p=0.0, Tensor? seed=None, bool grad_fp32=False, "
       "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int window_left=-1, "
-      "int window_right=-1, float softcap=0.0) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "int window_right=-1, float softcap=0.0, int dropout_head_offset=0) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
   // Introspection for tests (no tensors): see cuda_tile_config above.
   m.def("_cuda_tile_config(int head_dim, ScalarType dtype, bool backward, int smem_limit) "
         "-> int[]",

@@ -19,7 +19,8 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None
              scale: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
              out_fp32: bool = False, cu_seqlens_q: Optional[Tensor] = None,
              cu_seqlens_k: Optional[Tensor] = None, window_left: int = -1,
-             window_right: int = -1, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+             window_right: int = -1, softcap: float = 0.0,
+             dropout_head_offset: int = 0) -> tuple[Tensor, Tensor]:
     """Local attention of one (query block, key block) pair; returns (out, lse).
 
     Visibility (csrc/common/attn_params.h): the mask, the band qpos - window_left <=
@@ -28,7 +29,7 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None
     return torch.ops.ring_attn.attn_fwd.default(
         q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset, is_causal, scale,
         dropout_p, seed, out_fp32, cu_seqlens_q, cu_seqlens_k, window_left, window_right,
-        softcap)
+        softcap, dropout_head_offset)
 
 
 def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -38,19 +39,20 @@ def attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              scale: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
              grad_fp32: bool = False, cu_seqlens_q: Optional[Tensor] = None,
              cu_seqlens_k: Optional[Tensor] = None, window_left: int = -1,
-             window_right: int = -1, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+             window_right: int = -1, softcap: float = 0.0,
+             dropout_head_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of attn_fwd given the out and lse to use."""
     return torch.ops.ring_attn.attn_bwd.default(
         dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, q_offset, k_offset,
         is_causal, scale, dropout_p, seed, grad_fp32, cu_seqlens_q, cu_seqlens_k,
-        window_left, window_right, softcap)
+        window_left, window_right, softcap, dropout_head_offset)
 
 
 @torch.library.register_fake("ring_attn::attn_fwd")
 def _attn_fwd_fake(q, k, v, attn_mask=None, q_pos=None, k_pos=None, q_offset=0, k_offset=0,
                    is_causal=False, scale=1.0, dropout_p=0.0, seed=None, out_fp32=False,
                    cu_seqlens_q=None, cu_seqlens_k=None, window_left=-1, window_right=-1,
-                   softcap=0.0):
+                   softcap=0.0, dropout_head_offset=0):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
                  lambda: "ring_attn: q, k, v must be 4-D")
     B, Hq, Sq, _ = q.shape
@@ -65,7 +67,7 @@ def _attn_fwd_fake(q, k, v, attn_mask=None, q_pos=None, k_pos=None, q_offset=0, 
 def _attn_bwd_fake(dout, q, k, v, out, lse, dlse=None, attn_mask=None, q_pos=None, k_pos=None,
                    q_offset=0, k_offset=0, is_causal=False, scale=1.0, dropout_p=0.0,
                    seed=None, grad_fp32=False, cu_seqlens_q=None, cu_seqlens_k=None,
-                   window_left=-1, window_right=-1, softcap=0.0):
+                   window_left=-1, window_right=-1, softcap=0.0, dropout_head_offset=0):
     g = torch.float32 if grad_fp32 else q.dtype
     return (torch.empty(q.shape, dtype=g, device=q.device),
             torch.empty(k.shape, dtype=g, device=k.device),
@@ -74,19 +76,20 @@ def _attn_bwd_fake(dout, q, k, v, out, lse, dlse=None, attn_mask=None, q_pos=Non
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset, is_causal, scale, dropout_p,
-     seed, out_fp32, cu_seqlens_q, cu_seqlens_k, window_left, window_right, softcap) = inputs
+     seed, out_fp32, cu_seqlens_q, cu_seqlens_k, window_left, window_right, softcap,
+     head_offset) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, q_pos, k_pos, seed, cu_seqlens_q,
                           cu_seqlens_k)
     ctx.args = (q_offset, k_offset, is_causal, scale, dropout_p, window_left, window_right,
-                softcap)
+                softcap, head_offset)
     ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
 
 
 def _backward(ctx, dout, dlse):
     refuse_double_backward()  # attn_bwd has no derivative: never a graph-less result
     q, k, v, out, lse, attn_mask, q_pos, k_pos, seed, cu_q, cu_k = ctx.saved_tensors
-    q_offset, k_offset, is_causal, scale, dropout_p, left, right, softcap = ctx.args
+    q_offset, k_offset, is_causal, scale, dropout_p, left, right, softcap, head = ctx.args
     if ctx.mask_needs_grad:
         raise RuntimeError("ring_attn: gradients with respect to attn_mask are not supported")
     if dout is None:
@@ -96,8 +99,8 @@ def _backward(ctx, dout, dlse):
         raise RingAttnError(SATURATED)
     dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, q_offset,
                           k_offset, is_causal, scale, dropout_p, seed, False, cu_q, cu_k,
-                          left, right, softcap)
-    return (dq, dk, dv) + (None,) * 15
+                          left, right, softcap, head)
+    return (dq, dk, dv) + (None,) * 16
 
 
 torch.library.register_autograd("ring_attn::attn_fwd", _backward, setup_context=_setup_context)

@@ -253,3 +253,28 @@ def test_gradcheck_dropout_cpu() -> None:
 @pytest.mark.cuda
 def test_gradcheck_dropout_cuda() -> None:
     _check_gradcheck_dropout("cuda")
+
+
+def test_head_offset_draws_the_global_heads_mask() -> None:
+    """A call over heads [2, 4) with dropout_head_offset=2 drops exactly what the call over
+    all four heads drops there (Ulysses ranks hold head slices); offset 0 does not."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 33, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    seed = torch.tensor(1234)
+    full, _ = ops.attn_fwd(q, k, v, is_causal=True, scale=0.25, dropout_p=0.3, seed=seed)
+    part, _ = ops.attn_fwd(q[:, 2:], k[:, 2:], v[:, 2:], is_causal=True, scale=0.25,
+                           dropout_p=0.3, seed=seed, dropout_head_offset=2)
+    local, _ = ops.attn_fwd(q[:, 2:], k[:, 2:], v[:, 2:], is_causal=True, scale=0.25,
+                            dropout_p=0.3, seed=seed)
+    torch.testing.assert_close(part, full[:, 2:], rtol=0, atol=0)
+    assert not torch.allclose(local, full[:, 2:])
+    xs = [t[:, 2:].clone().requires_grad_() for t in (q, k, v)]
+    ys = [t.clone().requires_grad_() for t in (q, k, v)]
+    o1, _ = ops.attn_fwd(*xs, is_causal=True, scale=0.25, dropout_p=0.3, seed=seed,
+                         dropout_head_offset=2)
+    o2, _ = ops.attn_fwd(*ys, is_causal=True, scale=0.25, dropout_p=0.3, seed=seed)
+    dout = torch.randn_like(o2)
+    g1 = torch.autograd.grad(o1, xs, dout[:, 2:])
+    g2 = torch.autograd.grad(o2, ys, dout)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b[:, 2:], rtol=1e-12, atol=1e-12)

@@ -83,6 +83,9 @@ struct DropoutParams {
   double p;             // 0 disables dropout; double so 1/(1-p) is exact for float64
   uint32_t threshold;   // dropout_threshold(p)
   uint64_t seed;
+  // Global index of this call's query head 0 in the RNG key: a call over a slice of the
+  // heads (Ulysses: rank u holds heads u*H/U ...) draws the single-device mask.
+  int64_t head_offset;
 };
 
 struct AttnFwdParams {

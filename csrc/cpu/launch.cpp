@@ -56,10 +56,12 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(
     const OptTensor& q_pos, const OptTensor& k_pos, int64_t q_offset, int64_t k_offset,
     bool is_causal, double scale, double dropout_p, const OptTensor& seed, bool out_fp32,
     const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t window_left,
-    int64_t window_right, double softcap) {
+    int64_t window_right, double softcap,
+    int64_t dropout_head_offset) {
   const FwdArgs args{q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset,
                      is_causal, scale, dropout_p, seed, cu_seqlens_q,
-                     cu_seqlens_k, window_left, window_right, softcap};
+                     cu_seqlens_k, window_left, window_right, softcap,
+                     dropout_head_offset};
   PreparedFwd prep = prepare_fwd(args, out_fp32, c10::DeviceType::CPU);
   dispatch_dtypes(prep.q.scalar_type(), prep.out.scalar_type(), FwdLaunch{prep.params});
   return {prep.out, prep.lse};
@@ -71,10 +73,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
     const OptTensor& attn_mask, const OptTensor& q_pos, const OptTensor& k_pos,
     int64_t q_offset, int64_t k_offset, bool is_causal, double scale, double dropout_p,
     const OptTensor& seed, bool grad_fp32, const OptTensor& cu_seqlens_q,
-    const OptTensor& cu_seqlens_k, int64_t window_left, int64_t window_right, double softcap) {
+    const OptTensor& cu_seqlens_k, int64_t window_left, int64_t window_right, double softcap,
+    int64_t dropout_head_offset) {
   const FwdArgs args{q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset,
                      is_causal, scale, dropout_p, seed, cu_seqlens_q,
-                     cu_seqlens_k, window_left, window_right, softcap};
+                     cu_seqlens_k, window_left, window_right, softcap,
+                     dropout_head_offset};
   PreparedBwd prep = prepare_bwd(dout, out, lse, dlse, args, grad_fp32, c10::DeviceType::CPU);
   dispatch_dtypes(prep.q.scalar_type(), prep.dq.scalar_type(), BwdLaunch{prep.params});
   return {prep.dq, prep.dk, prep.dv};

@@ -161,7 +161,8 @@ void dropout_tile(T* P, T* Pd, T* dP, int64_t ld, int64_t m, int64_t n,
       const int64_t k = kpos[j0 + c];
       const uint64_t key = static_cast<uint64_t>(k) >> 2;
       if (key != cached) {
-        words = dropout_words(dp.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h), q, k);
+        words = dropout_words(dp.seed, static_cast<uint32_t>(b),
+                              static_cast<uint32_t>(h + dp.head_offset), q, k);
         cached = key;
       }
       const T z = words.w[static_cast<uint64_t>(k) & 3u] >= dp.threshold ? rescale : T(0);

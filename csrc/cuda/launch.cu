@@ -246,12 +246,14 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(
     const OptTensor& q_pos, const OptTensor& k_pos, int64_t q_offset, int64_t k_offset,
     bool is_causal, double scale, double dropout_p, const OptTensor& seed, bool out_fp32,
     const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t window_left,
-    int64_t window_right, double softcap) {
+    int64_t window_right, double softcap,
+    int64_t dropout_head_offset) {
   const c10::cuda::CUDAGuard guard(q.device());
   check_arch();
   const FwdArgs args{q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset,
                      is_causal, scale, dropout_p, seed, cu_seqlens_q,
-                     cu_seqlens_k, window_left, window_right, softcap};
+                     cu_seqlens_k, window_left, window_right, softcap,
+                     dropout_head_offset};
   PreparedFwd prep = prepare_fwd(args, out_fp32, c10::DeviceType::CUDA);
   const AttnFwdParams& p = prep.params;
   check_cuda_shape(p.shape, prep.q);
@@ -281,12 +283,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
     const OptTensor& attn_mask, const OptTensor& q_pos, const OptTensor& k_pos,
     int64_t q_offset, int64_t k_offset, bool is_causal, double scale, double dropout_p,
     const OptTensor& seed, bool grad_fp32, const OptTensor& cu_seqlens_q,
-    const OptTensor& cu_seqlens_k, int64_t window_left, int64_t window_right, double softcap) {
+    const OptTensor& cu_seqlens_k, int64_t window_left, int64_t window_right, double softcap,
+    int64_t dropout_head_offset) {
   const c10::cuda::CUDAGuard guard(q.device());
   check_arch();
   const FwdArgs args{q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset,
                      is_causal, scale, dropout_p, seed, cu_seqlens_q,
-                     cu_seqlens_k, window_left, window_right, softcap};
+                     cu_seqlens_k, window_left, window_right, softcap,
+                     dropout_head_offset};
   PreparedBwd prep = prepare_bwd(dout, out, lse, dlse, args, grad_fp32, c10::DeviceType::CUDA);
   const AttnBwdParams& p = prep.params;
   const AttnShape& s = p.shape;

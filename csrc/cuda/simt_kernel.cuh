@@ -141,7 +141,8 @@ __device__ __forceinline__ C simt_softcap(C& x, C cap) {
 __device__ __forceinline__ bool simt_keep(const DropoutParams& d, int b, int h, int64_t qpos,
                                           int64_t kpos) {
   if (d.p <= 0.f) return true;
-  return philox_word(dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
+  return philox_word(dropout_words(d.seed, static_cast<uint32_t>(b),
+                                   static_cast<uint32_t>(h + d.head_offset),
                                    qpos, kpos),
                      kpos) >= d.threshold;
 }

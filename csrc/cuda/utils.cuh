@@ -336,13 +336,15 @@ __device__ __forceinline__ uint32_t philox_word(const Philox4& r, int64_t kpos) 
 __device__ __forceinline__ void dropout_keep2(const DropoutParams& d, int b, int h, int64_t qpos,
                                               int64_t kpos0, int64_t kpos1, bool& keep0,
                                               bool& keep1) {
-  const Philox4 r0 = dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
+  const Philox4 r0 = dropout_words(d.seed, static_cast<uint32_t>(b),
+                                   static_cast<uint32_t>(h + d.head_offset),
                                    qpos, kpos0);
   keep0 = philox_word(r0, kpos0) >= d.threshold;
   if ((static_cast<uint64_t>(kpos0) >> 2) == (static_cast<uint64_t>(kpos1) >> 2)) {
     keep1 = philox_word(r0, kpos1) >= d.threshold;
   } else {
-    const Philox4 r1 = dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
+    const Philox4 r1 = dropout_words(d.seed, static_cast<uint32_t>(b),
+                                     static_cast<uint32_t>(h + d.head_offset),
                                      qpos, kpos1);
     keep1 = philox_word(r1, kpos1) >= d.threshold;
   }
@@ -366,7 +368,8 @@ __device__ __forceinline__ uint32_t dropout_keep_pair(const DropoutParams& d, in
                                                       int64_t qpos0, int64_t qpos1,
                                                       int64_t kpos4, int lane) {
   const bool odd = lane & 1;
-  const Philox4 r = dropout_words(d.seed, static_cast<uint32_t>(b), static_cast<uint32_t>(h),
+  const Philox4 r = dropout_words(d.seed, static_cast<uint32_t>(b),
+                                  static_cast<uint32_t>(h + d.head_offset),
                                   odd ? qpos1 : qpos0, kpos4);
   uint32_t own = 0;
 #pragma unroll

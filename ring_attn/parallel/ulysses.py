@@ -36,10 +36,11 @@ reaches every rank) compares shapes, heads, dtype, causal, scale, dropout, layou
 presence and the mesh shape; any rank's bad input or a disagreement raises on every rank.
 The backward starts with validate.agree_on_backward over the same group(s).
 
-Dropout: refused for U > 1. The kernels' dropout RNG is keyed by (seed, batch, HEAD, query
-position, key position) with the head index LOCAL to the kernel call, so the head shard
-u*H/U + j would draw head j's mask: not the single-device output, and correlated across
-ranks. It needs a head offset in the kernel's dropout counter (reported to the lead).
+Dropout: the kernels' RNG is keyed by (seed, batch, head, query position, key position);
+each Ulysses rank passes the global index of its first query head (dropout_head_offset),
+so head u*H/U + j draws that head's single-device mask, and with the same torch seed the
+output equals one device's. The hybrid (a ring across, U > 1) still refuses dropout: the
+ring would have to take the agreed seed and the head offset instead of drawing its own.
 
 Masks: only key masks broadcastable to [B|1, Hq|1, 1, S] (bool, or additive in the query
 dtype), identical on every rank: after the all-to-all each rank holds all S queries of its
@@ -228,6 +229,7 @@ class Agreed:
     mask: Optional[Tensor]   # 4-D key mask [B|1, Hq|1, 1, S]
     plans: tuple[HeadPlan, HeadPlan]
     calls: tuple[tuple[GroupInfo, int], ...]  # (group, this call's number) agreed over
+    head_offset: int = 0     # global index of this rank's first query head (dropout RNG)
 
 
 def key_mask(mask: Optional[Tensor], q: Tensor, s_global: int) -> Optional[Tensor]:
@@ -248,7 +250,7 @@ def key_mask(mask: Optional[Tensor], q: Tensor, s_global: int) -> Optional[Tenso
 
 def _check_here(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_causal: bool,
                 scale: Optional[float], dropout_p: float, layout: str, row: GroupInfo,
-                ring_size: int):
+                ring_size: int, hybrid: bool):
     """This rank's own checks; returns (scale, dropout_p, 4-D mask, head plans)."""
     check_layout(layout)
     # validate's checks of q, k, v (torch's exception types); "contiguous": the zigzag
@@ -257,12 +259,11 @@ def _check_here(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_c
                                        dropout_p=dropout_p, layout="contiguous", info=row)
     u = row.world_size
     plans = head_plans(q.size(1), k.size(1), u)
-    if dropout_p > 0.0 and u > 1:
+    if dropout_p > 0.0 and u > 1 and hybrid:
         raise RingAttnNotImplementedError(
-            f"ring_attn: dropout_p={dropout_p} with a Ulysses group of {u} ranks is not "
-            "supported: the kernels key the dropout RNG by the head index local to the call, "
-            "so head shards would not draw the single-device mask (needs a head offset in "
-            "the kernel's dropout counter)")
+            f"ring_attn: dropout_p={dropout_p} in a hybrid mesh ({u} x {ring_size}) is not "
+            "supported: the ring across would draw its own seed and key the RNG by the "
+            "local head index (ulysses_attention and the pure ring support dropout)")
     m = required_multiple(ring_size, layout) // ring_size  # zigzag: the ring shard is even
     if (u * q.size(2)) % m != 0:
         raise RingAttnError(f"ring_attn: a {layout!r} ring shard holds two equal chunks, so "
@@ -305,7 +306,7 @@ def agree(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_causal:
     try:
         scale, dropout_p, mask4, plans = _check_here(
             q, k, v, mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-            layout=layout, row=row, ring_size=ring_size)
+            layout=layout, row=row, ring_size=ring_size, hybrid=col is not None)
         fields = [q.size(0), q.size(1), k.size(1), q.size(3), v.size(3), q.size(2), k.size(2),
                   _DTYPES.index(q.dtype), _DEVICES.index(q.device.type),
                   LAYOUTS.index(layout), int(is_causal), _bits(scale), _bits(dropout_p),
@@ -338,7 +339,8 @@ def agree(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_causal:
     if problem is not None:
         raise RingInputError(problem)
     seed_t = torch.tensor(seeds[0], dtype=torch.int64) if dropout_p > 0.0 else None
-    return Agreed(float(scale), dropout_p, seed_t, mask4, plans, calls)
+    return Agreed(float(scale), dropout_p, seed_t, mask4, plans, calls,
+                  plans[0].starts[row.rank] if row.world_size > 1 else 0)
 
 
 # --- The drivers. ---------------------------------------------------------------------------
@@ -372,7 +374,8 @@ def _local(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], agreed: Agre
     s = q.size(2)
     m = None if mask is None else mask.expand(q.size(0), q.size(1), s, s)
     out, _ = ops.attn_fwd(q, k, v, m, None, None, 0, 0, is_causal, agreed.scale,
-                          agreed.dropout_p, agreed.seed, False)
+                          agreed.dropout_p, agreed.seed, False,
+                          dropout_head_offset=agreed.head_offset)
     return out
 
 
@@ -391,7 +394,8 @@ def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, *,
       is_causal: key j kept for query i iff j <= i, on global positions.
       attn_mask: a key mask broadcastable to [B|1, Hq|1, 1, S] (bool, False masks out, or
         additive in the query dtype), global key order, the same on every rank.
-      dropout_p: only 0 for U > 1 (NotImplementedError otherwise; see the module docstring).
+      dropout_p: dropout on the probabilities; with the same torch seed the output equals
+        the one-device ring_attn.scaled_dot_product_attention output.
       scale: score scale, default 1/sqrt(D).
       group: the Ulysses process group (default: the world).
 
