@@ -131,3 +131,26 @@ def test_ring_packed_on_gloo(tmp_path) -> None:
         for p, failures in per_p.items():
             assert not failures, "\n".join(failures)
         assert sorted(per_p) == [p for p in range(2, 5) if rank < p]
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+def test_simulated_packed_dropout_equals_varlen(p: int) -> None:
+    """The RNG is keyed by global packed positions, so the packed ring drops exactly what
+    varlen_attention drops on one device for the same torch seed (forward and grads)."""
+    rng = random.Random(50 + p)
+    g = torch.Generator().manual_seed(50 + p)
+    t = 77
+    cu = _mix(t, rng, long_doc=True)
+    q, k, v, dout = _inputs(g, t, 4, 2)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch.manual_seed(11)
+    out = simulated_ring_attention(*xs, world_size=p, layout="packed", is_causal=True,
+                                   dropout_p=0.3, cu_seqlens=cu)
+    got = [out, *torch.autograd.grad(out, xs, dout)]
+    ys = [x[0].transpose(0, 1).clone().requires_grad_() for x in (q, k, v)]  # [T, H, D]
+    torch.manual_seed(11)
+    one = ring_attn.varlen_attention(*ys, cu, cu, is_causal=True, dropout_p=0.3)
+    want = [one, *torch.autograd.grad(one, ys, dout[0].transpose(0, 1))]
+    for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a[0].transpose(0, 1), w, rtol=1e-12, atol=1e-12,
+                                   msg=f"P={p} {name}")
