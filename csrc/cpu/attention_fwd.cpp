@@ -53,8 +53,18 @@ struct FwdBlocks {
 //           128x256: 122, 256x512: 135;  D=128: 64x512: 144, 128x512: 151, 64x768: 136.
 // The spread is within the +-10% noise of that machine; 64 x 512 is never worse than the
 // best by more than the noise and keeps more work items for short sequences.
-FwdBlocks fwd_blocks(int64_t Sq, int64_t Sk) {
-  FwdBlocks bs{64, 512};
+//
+// With documents (cu_seqlens) the key block is 128: a 512-key tile straddling document
+// starts computes keys no query of the tile sees, and packed shards hold pieces of
+// L / 2P tokens (~290 in the uniform mix below), shorter than 512. Measured with the
+// kernel calls of benchmarks/bench_varlen.py (S=16384, H=8, D=64, float32, causal, one
+// thread, thread CPU time, key block 512 / 256 / 128 in one process): varlen_attention
+// uniform 893 / 726 / 674 ms, long-tailed 1220 / 1040 / 1012, 1-token documents
+// 341 / 216 / 157, one long document 990 / 918 / 886; the packed ring's slowest rank at
+// P = 4: uniform 443 / 346 / 296 ms, long-tailed 581 / 447 / 380, 1-token 275 / 161 / 141,
+// long document 482 / 348 / 315.
+FwdBlocks fwd_blocks(int64_t Sq, int64_t Sk, bool docs) {
+  FwdBlocks bs{64, docs ? 128 : 512};
   if (Sq < bs.q) bs.q = std::max<int64_t>(Sq, 1);
   if (Sk < bs.k) bs.k = std::max<int64_t>(Sk, 1);
   return bs;
@@ -70,7 +80,7 @@ void fwd_impl(const AttnFwdParams& p) {
   const int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Sq = s.Sq, Sk = s.Sk, D = s.D, Dv = s.Dv;
   const int64_t group = Hk > 0 ? Hq / Hk : 1;
   if (B * Hq * Sq == 0) return;
-  const FwdBlocks bs = fwd_blocks(Sq, Sk);
+  const FwdBlocks bs = fwd_blocks(Sq, Sk, p.mask.q_doc != nullptr);
   const int64_t QB = bs.q, KB = bs.k;
   const int64_t nqb = ceil_div(Sq, QB), nkb = ceil_div(Sk, KB);
 
