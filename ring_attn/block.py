@@ -43,6 +43,7 @@ class RingSpec:
     softcap: float = 0.0        # 0: off
     cu_seqlens: Optional[Tensor] = None       # global document boundaries, inputs' device
     docs: Optional[tuple[int, ...]] = None    # the same as ints (the schedule's copy)
+    head_offset: int = 0        # global index of query head 0 in the dropout RNG key
     schedule: RingPlan = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,7 +129,8 @@ def forward_block(spec: RingSpec, blk: BlockStep, q: Tensor, k: Tensor, v: Tenso
     out, lse = ops.attn_fwd(
         _rows(q, blk.q_start, blk.q_len), _rows(k, ks, blk.k_len), _rows(v, ks, blk.k_len),
         b.mask, b.q_pos, b.k_pos, b.q_off, b.k_off, scale=spec.scale,
-        dropout_p=spec.dropout_p, seed=spec.seed, out_fp32=wide, **spec.kernel_rule(blk.band))
+        dropout_p=spec.dropout_p, seed=spec.seed, out_fp32=wide,
+        dropout_head_offset=spec.head_offset, **spec.kernel_rule(blk.band))
     if acc is None:
         if blk.q_len != q.size(2):
             raise AssertionError("ring_attn: the first block must cover every query row")
@@ -174,5 +176,5 @@ def backward_block(spec: RingSpec, blk: BlockStep, dout: Tensor, q: Tensor, k: T
         _rows(dout, qs, ql), _rows(q, qs, ql), _rows(k, ks, kl), _rows(v, ks, kl),
         _rows(out, qs, ql), _rows(lse, qs, ql), None, b.mask, b.q_pos, b.k_pos, b.q_off,
         b.k_off, scale=spec.scale, dropout_p=spec.dropout_p, seed=spec.seed,
-        grad_fp32=wide, **spec.kernel_rule(blk.band))
+        grad_fp32=wide, dropout_head_offset=spec.head_offset, **spec.kernel_rule(blk.band))
     return BlockGrads(blk, dq, dk, dv)

@@ -182,13 +182,34 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool
     NaN/inf propagate as in torch's math backend on the full sequence (blocks of a
     non-finite K/V shard, or of non-finite query rows, are computed, not skipped).
     """
+    return ring_attention_of_heads(query, key, value, is_causal=is_causal, scale=scale,
+                                   attn_mask=attn_mask, dropout_p=dropout_p, group=group,
+                                   layout=layout, window=window, softcap=softcap,
+                                   cu_seqlens=cu_seqlens)
+
+
+def ring_attention_of_heads(query: Tensor, key: Tensor, value: Tensor, *,
+                            is_causal: bool = False, scale: Optional[float] = None,
+                            attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                            group: Optional[dist.ProcessGroup] = None,
+                            layout: str = "zigzag",
+                            window: Optional[tuple[int, int]] = None,
+                            softcap: Optional[float] = None,
+                            cu_seqlens: Optional[Tensor] = None,
+                            dropout_seed: Optional[Tensor] = None,
+                            head_offset: int = 0) -> Tensor:
+    """ring_attention over a slice of the heads (the hybrid's ring, after Ulysses): the
+    dropout seed already agreed (not drawn again) and the global index of query head 0 in
+    the dropout RNG key, so the slice drops what one device drops on those heads."""
     info = group_info(group)
     agreed = agree_on_inputs(query, key, value, attn_mask, is_causal=is_causal,
                              scale=scale, dropout_p=dropout_p, layout=layout, info=info,
-                             window=window, softcap=softcap, cu_seqlens=cu_seqlens)
+                             window=window, softcap=softcap, cu_seqlens=cu_seqlens,
+                             seed=dropout_seed)
     spec = RingSpec(info.rank, info.world_size, agreed.layout, is_causal, agreed.scale,
                     agreed.dropout_p, agreed.seed, query.size(2), agreed.kv_nonfinite,
                     agreed.rows_nonfinite, agreed.call, agreed.window, agreed.softcap,
-                    cu_seqlens if agreed.docs is not None else None, agreed.docs)
+                    cu_seqlens if agreed.docs is not None else None, agreed.docs,
+                    head_offset)
     comm = RingComm(info) if info.world_size > 1 else None
     return _RingAttention.apply(query, key, value, agreed.mask, spec, comm)

@@ -339,7 +339,7 @@ def _check_equal(rows: list[list[int]], names: list[str], show) -> None:
 def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
                     is_causal: bool, scale: Optional[float], dropout_p: float, layout: str,
                     info: GroupInfo, window: object = None, softcap: object = None,
-                    cu_seqlens: object = None) -> Agreed:
+                    cu_seqlens: object = None, seed: Optional[Tensor] = None) -> Agreed:
     """Check this rank's inputs and that every rank of the group agrees; raise on every
     rank otherwise (RingInputError, a RuntimeError; the rank at fault raises its own
     error's type). Returns the agreed scale, seed, mask, call number and K/V flags."""
@@ -376,7 +376,11 @@ def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
             raise
         error, fields, dropout_p = e, [-1] * len(_FIELDS), 0.0
     # Every rank draws (keeping torch's generator in step across ranks); rank 0's is used.
-    seed = int(draw_seed()) if dropout_p > 0.0 and error is None else 0
+    # seed: one a caller already agreed on (the hybrid's Ulysses step), not drawn again.
+    if dropout_p > 0.0 and error is None:
+        seed = int(seed) if seed is not None else int(draw_seed())
+    else:
+        seed = 0
     # One rank needs no flags: its step 0 (its own block) is never skipped.
     rows = _gather([_MAGIC, int(error is not None), *fields, seed, 0, 0], info,
                    flags if info.world_size > 1 else None)

@@ -34,7 +34,7 @@ from ..errors import RingAttnError, RingAttnTypeError
 from ..layout import Run, check_layout, local_runs, narrow_runs, runs_to_positions
 from ..layout import shard as ring_shard
 from ..layout import unshard as ring_unshard
-from ..ring import ring_attention
+from ..ring import ring_attention, ring_attention_of_heads
 from .ulysses import Agreed, ulysses_around
 
 Tensor = torch.Tensor
@@ -147,8 +147,12 @@ def hybrid_attention(query: Tensor, key: Tensor, value: Tensor, *, mesh: Mesh,
                               attn_mask=attn_mask, dropout_p=dropout_p, **ring)
 
     def across(q: Tensor, k: Tensor, v: Tensor, m: Optional[Tensor], a: Agreed) -> Tensor:
-        return ring_attention(q, k, v, is_causal=is_causal, scale=a.scale, attn_mask=m,
-                              dropout_p=a.dropout_p, **ring)
+        # The Ulysses step drew the dropout seed (torch's generator moves once, as on one
+        # device); the ring keys its RNG with this rank's global head offset.
+        return ring_attention_of_heads(q, k, v, is_causal=is_causal, scale=a.scale,
+                                       attn_mask=m, dropout_p=a.dropout_p,
+                                       dropout_seed=a.seed, head_offset=a.head_offset,
+                                       **ring)
 
     return ulysses_around(query, key, value, attn_mask, is_causal=is_causal, scale=scale,
                           dropout_p=dropout_p, layout=layout, row=row, col=col, inner=across)

@@ -39,8 +39,8 @@ The backward starts with validate.agree_on_backward over the same group(s).
 Dropout: the kernels' RNG is keyed by (seed, batch, head, query position, key position);
 each Ulysses rank passes the global index of its first query head (dropout_head_offset),
 so head u*H/U + j draws that head's single-device mask, and with the same torch seed the
-output equals one device's. The hybrid (a ring across, U > 1) still refuses dropout: the
-ring would have to take the agreed seed and the head offset instead of drawing its own.
+output equals one device's. In the hybrid the ring across takes the seed Ulysses agreed
+on (torch's generator moves once, as on one device) and the same head offset.
 
 Masks: only key masks broadcastable to [B|1, Hq|1, 1, S] (bool, or additive in the query
 dtype), identical on every rank: after the all-to-all each rank holds all S queries of its
@@ -56,8 +56,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..comm import GroupInfo, group_info
-from ..errors import (RingAttnError, RingAttnException, RingAttnNotImplementedError,
-                      refuse_double_backward)
+from ..errors import RingAttnError, RingAttnException, refuse_double_backward
 from ..functional import draw_seed
 from ..layout import LAYOUTS, check_layout, required_multiple
 from ..merge import acc_dtype
@@ -250,7 +249,7 @@ def key_mask(mask: Optional[Tensor], q: Tensor, s_global: int) -> Optional[Tenso
 
 def _check_here(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_causal: bool,
                 scale: Optional[float], dropout_p: float, layout: str, row: GroupInfo,
-                ring_size: int, hybrid: bool):
+                ring_size: int):
     """This rank's own checks; returns (scale, dropout_p, 4-D mask, head plans)."""
     check_layout(layout)
     # validate's checks of q, k, v (torch's exception types); "contiguous": the zigzag
@@ -259,11 +258,6 @@ def _check_here(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_c
                                        dropout_p=dropout_p, layout="contiguous", info=row)
     u = row.world_size
     plans = head_plans(q.size(1), k.size(1), u)
-    if dropout_p > 0.0 and u > 1 and hybrid:
-        raise RingAttnNotImplementedError(
-            f"ring_attn: dropout_p={dropout_p} in a hybrid mesh ({u} x {ring_size}) is not "
-            "supported: the ring across would draw its own seed and key the RNG by the "
-            "local head index (ulysses_attention and the pure ring support dropout)")
     m = required_multiple(ring_size, layout) // ring_size  # zigzag: the ring shard is even
     if (u * q.size(2)) % m != 0:
         raise RingAttnError(f"ring_attn: a {layout!r} ring shard holds two equal chunks, so "
@@ -306,7 +300,7 @@ def agree(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_causal:
     try:
         scale, dropout_p, mask4, plans = _check_here(
             q, k, v, mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-            layout=layout, row=row, ring_size=ring_size, hybrid=col is not None)
+            layout=layout, row=row, ring_size=ring_size)
         fields = [q.size(0), q.size(1), k.size(1), q.size(3), v.size(3), q.size(2), k.size(2),
                   _DTYPES.index(q.dtype), _DEVICES.index(q.device.type),
                   LAYOUTS.index(layout), int(is_causal), _bits(scale), _bits(dropout_p),
