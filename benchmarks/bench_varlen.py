@@ -16,7 +16,8 @@ Times: best wall time of interleaved calls (bench_local.time_cpu_pair: one warm-
 calls alternating between ours and loop), so background load hits both alike; ratios
 > 1 mean ours is faster. `max|ours-loop|` checks that both computed the same thing.
 
-Tiles: the fraction of the forward kernel's 64 x 512 (query x key) tiles that are
+Tiles: the fraction of the forward kernel's 64 x 128 (query x key) tiles (its block with
+documents, csrc/cpu/attention_fwd.cpp) that are
 skipped (no document in common or all in the future), full (one document, all visible)
 or partial (masked element-wise), computed in Python from the rule of
 csrc/common/visibility.h (classify_tile) on each tile's position and document min/max.
@@ -59,7 +60,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def tile_areas(q_pos: torch.Tensor, k_pos: torch.Tensor, cu: tuple[int, ...],
-               q_block: int = 64, k_block: int = 512, is_causal: bool = True
+               q_block: int = 64, k_block: int = 128, is_causal: bool = True
                ) -> tuple[int, int, int]:
     """(skipped, full, partial) score elements of one kernel call on queries / keys at
     global positions q_pos / k_pos (local order; >= T: padding, in no document), tiled
@@ -98,14 +99,14 @@ def tile_areas(q_pos: torch.Tensor, k_pos: torch.Tensor, cu: tuple[int, ...],
 
 def tile_fractions(cu: tuple[int, ...]) -> tuple[float, float, float]:
     """varlen_attention's one call on the whole pack: fractions of the S x S scores in
-    skipped, full and partial 64 x 512 tiles."""
+    skipped, full and partial 64 x 128 tiles."""
     pos = torch.arange(cu[-1])
     areas = tile_areas(pos, pos, cu)
     return tuple(a / max(1, sum(areas)) for a in areas)
 
 
 def ring_tile_area(cu: tuple[int, ...], p: int, layout: str) -> list[int]:
-    """Per rank, the score elements its ring blocks compute (non-skipped 64 x 512 tiles of
+    """Per rank, the score elements its ring blocks compute (non-skipped 64 x 128 tiles of
     its queries against every rank's keys)."""
     s_local = -(-cu[-1] // p)
     kw = {} if layout == "contiguous" else {"cu_seqlens": cu}
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> list[str]:
     emit("")
     emit("## Documents, and the tiles of varlen_attention's one kernel call")
     emit("")
-    emit("Share of the S x S scores in 64 x 512 forward tiles that are skipped, computed "
+    emit("Share of the S x S scores in 64 x 128 forward tiles that are skipped, computed "
          "whole (full) or masked element-wise (partial).")
     emit("")
     emit("| mix | docs | longest | skipped | full | partial |")
@@ -244,7 +245,7 @@ def ranks(args: argparse.Namespace, mixes: dict, emit) -> None:
     emit("")
     emit("pairs: exact causal pairs per rank (the schedule); step factor: sum over ring steps "
          "of the slowest rank's pairs / (total / P); tiles: score elements in the non-skipped "
-         "64 x 512 forward tiles of each rank's blocks, total / visible pairs and max/min "
+         "64 x 128 forward tiles of each rank's blocks, total / visible pairs and max/min "
          "over ranks; measured: each rank's blocks run in one process (float32, D=64, H="
          f"{h}, forward; one thread, thread CPU time, best of {args.iters}), ms per rank "
          "and max/min.")

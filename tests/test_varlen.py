@@ -82,8 +82,12 @@ def _check_against_per_document(device: str, dtype: torch.dtype, lq: list[int],
                            max(lq), max(lk), is_causal=is_causal, scale=scale)
     assert out.shape == (sum(lq), hq, d) and out.dtype == dtype and out.is_contiguous()
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref = _per_document(q, k, v, lq, lk, is_causal, scale, torch.float64)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+    # The float64 reference differentiates float64 leaves: gradients of the bf16 leaves
+    # themselves would come back rounded to bf16 (torch 2.11's math SDPA then matched them
+    # bit for bit and made "torch's error" 0).
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _per_document(*x64, lq, lk, is_causal, scale, torch.float64)
+    ref_grads = torch.autograd.grad(ref, x64, dout.double())
     theirs = _per_document(q, k, v, lq, lk, is_causal, scale, None)
     their_grads = torch.autograd.grad(theirs, (q, k, v), dout)
     assert_close_to_ref(out, theirs, ref)
