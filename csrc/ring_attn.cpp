@@ -53,9 +53,10 @@ TORCH_LIBRARY(ring_attn, m) {
   //   is_causal keeps key j for query i iff kpos(j) <= qpos(i).
   //   seed: int64 scalar tensor, required when dropout_p > 0.
   //   Returns out [B, Hq, Sq, Dv] (q's dtype, or float32 if out_fp32) and lse [B, Hq, Sq]
-  //   in the accumulation dtype: float64 for float64 q, float32 for every other dtype
-  //   (so float64 is float64-accurate end to end); rows with no key left have out = 0
-  //   and lse = -inf. A floating attn_mask is read in the accumulation dtype as well.
+  //   in float64 for every dtype (common/attn_params.h: a row masked by a huge finite
+  //   value keeps its log(n)); rows with no key left have out = 0 and lse = -inf. A
+  //   floating attn_mask is read in the accumulation dtype (float64 for float64 q, else
+  //   float32).
   //   cu_seqlens_q / cu_seqlens_k (both or neither): 1-D int32/int64 cumulative document
   //   lengths in the coordinates of q_pos / k_pos; query i and key j must lie in the same
   //   document d (cu[d] <= pos < cu[d + 1], the same d on both sides); a position outside
@@ -72,7 +73,7 @@ TORCH_LIBRARY(ring_attn, m) {
       "int window_right=-1, float softcap=0.0, int dropout_head_offset=0) "
       "-> (Tensor out, Tensor lse)");
   // Gradients of attn_fwd given the (possibly ring-global) out and lse it should use.
-  //   lse is converted to the accumulation dtype (float64 for float64 q, else float32).
+  //   lse is converted to float64 (the backward splits it per row into hi + lo).
   //   dlse (optional) is the gradient flowing into lse; it folds into delta:
   //   delta = rowsum(dout * out) - dlse, dS = P * (dP - delta).
   //   Returns dq, dk, dv shaped like q, k, v (dk/dv summed over each KV group's query

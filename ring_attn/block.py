@@ -5,8 +5,9 @@ two functions, so they share every per-step decision: which rows to narrow to (f
 schedule), the global positions given to the kernel (they key the band, the documents and
 the dropout RNG, so a sharded run masks and drops exactly what one device would), the
 visibility arguments (causal, window, GLOBAL cu_seqlens, given only to blocks the schedule
-says need them; softcap to every block), the slice of the attention mask, and the merge in the accumulation dtype (float32; float64 for
-float64 inputs, whose kernels return a float64 lse).
+says need them; softcap to every block), the slice of the attention mask, and the merge:
+out in the accumulation dtype (float32; float64 for float64 inputs), lse in float64 as the
+kernels return it for every dtype.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from . import ops
 from .layout import Run, local_runs, narrow_runs, runs_to_positions
-from .merge import acc_dtype, merge_
+from .merge import merge_
 from .schedule import BlockStep, RingPlan, ring_schedule
 from .visibility import Visibility
 

@@ -8,7 +8,7 @@ two streams):
         post: send the K/V rows the next rank needs, receive the next step's (non-blocking;
               packed, KV heads only: GQA is never expanded on the wire)
         partial = kernel(Q_r rows, held K/V rows per the schedule)  (overlaps the transfer)
-        merge partial into (out, lse) in the accumulation dtype (float32; float64 for float64)
+        merge partial into out (float32; float64 for float64) and lse (float64)
         wait; hold what arrived
     return out cast to the input dtype, once
 
@@ -52,7 +52,8 @@ Tensor = torch.Tensor
 
 def ring_forward(spec: RingSpec, comm: Optional[RingComm], q: Tensor, k: Tensor, v: Tensor,
                  mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """This rank's attention over the whole ring: (out, lse) in the accumulation dtype."""
+    """This rank's attention over the whole ring: out in the accumulation dtype, lse in
+    float64."""
     held = HeldKV(comm, k, v)
     acc = None
     rec = recorder()  # None unless profiling (profile.py)
@@ -115,7 +116,7 @@ class _RingAttention(torch.autograd.Function):
                 spec: RingSpec, comm: Optional[RingComm]) -> Tensor:
         acc_out, lse = ring_forward(spec, comm, q, k, v, mask)
         out = acc_out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, mask)  # lse in the accumulation dtype
+        ctx.save_for_backward(q, k, v, out, lse, mask)  # lse in float64
         ctx.spec, ctx.comm = spec, comm
         return out
 

@@ -63,7 +63,7 @@ class _SimulatedRing(torch.autograd.Function):
                 accs[r] = forward_block(specs[r], blk, qs[r], ks[blk.source], vs[blk.source],
                                         masks[r], accs[r])
         outs = [acc[0].to(q.dtype) for acc in accs]
-        lses = [acc[1] for acc in accs]  # the accumulation dtype, as ring.py saves it
+        lses = [acc[1] for acc in accs]  # float64, as ring.py saves it
         ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
         ctx.masks, ctx.specs = masks, specs
         return unshard_tensors(outs, layout, cu_seqlens=cu)
@@ -77,7 +77,7 @@ class _SimulatedRing(torch.autograd.Function):
         qs, ks, vs, outs, lses = (saved[i * p:(i + 1) * p] for i in range(5))
         cu = specs[0].docs
         douts = [shard_tensor(dout, r, p, layout, cu_seqlens=cu) for r in range(p)]
-        if any(bool(saturated_rows(lses[r], douts[r])) for r in range(p)):
+        if bool(torch.stack([saturated_rows(lses[r], douts[r]) for r in range(p)]).any()):
             raise RingAttnError(SATURATED)
         if specs[0].visibility.has_rule:  # as ring.py's backward: non-finite dout or out
             bad = [bool(rows_nonfinite(qs[r], None, douts[r], outs[r])) for r in range(p)]

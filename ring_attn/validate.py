@@ -38,10 +38,9 @@ import torch.distributed as dist
 from .comm import GroupInfo
 from .documents import check_cu_seqlens
 from .errors import (DOUBLE_BACKWARD, SATURATED, RingAttnError, RingAttnException,
-                     RingAttnNotImplementedError, RingAttnTypeError)
+                     RingAttnNotImplementedError)
 from .functional import (_has_kernel, check_bool, check_dropout_p, check_mask_type,
-                         check_softcap, check_window,
-                         check_scale, check_tensor, draw_seed)
+                         check_scale, check_softcap, check_tensor, check_window, draw_seed)
 from .layout import RING_LAYOUTS, check_layout, local_runs, resolve_layout
 from .packing import check_packed_arguments
 from .merge import acc_dtype
