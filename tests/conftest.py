@@ -15,6 +15,13 @@ from helpers import has_cuda_kernel  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # torch's cuDNN SDPA is not a usable reference on CUDA: on an H200 (torch 2.11, cuDNN
+    # 9.19, where torch tries cuDNN first on sm_90) it faulted with "misaligned address" on
+    # a broadcast (L, 1) mask, poisoning the CUDA context for every later test, and returned
+    # None for batch 0; it also reads a float32 mask given with bf16/fp16 queries as if it
+    # were bf16/fp16 (pytorch/pytorch#191612). Torch's error is measured with its flash,
+    # memory-efficient or math kernels instead (helpers.torch_sdpa).
+    torch.backends.cuda.enable_cudnn_sdp(False)
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU and the CUDA kernels")
     config.addinivalue_line("markers", "slow: long-running test")
 

@@ -36,6 +36,22 @@ def float_mask(attn_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tens
     return attn_mask.to(dtype)
 
 
+def torch_sdpa(query: Tensor, key: Tensor, value: Tensor, **kw) -> Tensor:
+    """torch's own SDPA in the inputs' dtype: the error ours is compared with. Where torch's
+    fused CUDA kernels reject an input its math backend takes (the memory-efficient kernel
+    wants a bias whose last dim is contiguous and whose dtype is the query's, seen on an
+    H200 with a broadcast (L, 1) mask and a float32 mask on bf16 queries), torch's math
+    backend in the same dtype gives that error instead."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    try:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, **kw)
+    except RuntimeError:
+        if not query.is_cuda:
+            raise
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, **kw)
+
+
 def sdpa_reference(query: Tensor, key: Tensor, value: Tensor,
                    attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
                    is_causal: bool = False, scale: Optional[float] = None,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ring_attn
-from helpers import assert_close_to_ref, randn, sdpa_reference
+from helpers import assert_close_to_ref, randn, sdpa_reference, torch_sdpa
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -37,8 +37,7 @@ def _check(device: str, dtype: torch.dtype, mask_dtype: torch.dtype, head_dim: i
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = ring_attn.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale)
     torch_in = [t.detach().requires_grad_() for t in (q, k, v)]
-    theirs = torch.nn.functional.scaled_dot_product_attention(*torch_in, attn_mask=mask,
-                                                              scale=scale)
+    theirs = torch_sdpa(*torch_in, attn_mask=mask, scale=scale)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = sdpa_reference(*ref_in, attn_mask=mask, scale=scale)
     assert bool(torch.isfinite(out).all()), "finfo.min padding must not give inf/NaN"

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ring_attn
 from helpers import (assert_close_to_ref, random_bool_mask, random_float_mask, randn,
-                     sdpa_reference)
+                     sdpa_reference, torch_sdpa)
 
 Tensor = torch.Tensor
 
@@ -50,7 +50,7 @@ def _check_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[T
 
     ours_in, torch_in, ref_in = leaves(), leaves(), leaves(torch.float64)
     ours = ring_attn.scaled_dot_product_attention(*ours_in, **kw)
-    theirs = F.scaled_dot_product_attention(*torch_in, **kw)
+    theirs = torch_sdpa(*torch_in, **kw)
     ref = sdpa_reference(*ref_in, **kw)
     if not bool(torch.isfinite(theirs).all()):
         # torch's fused CPU kernel returns NaN for scale=0 with causal (0 * -inf); its
