@@ -118,10 +118,11 @@ class _RingAttention(torch.autograd.Function):
         out = acc_out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, mask)  # lse in float64
         ctx.spec, ctx.comm = spec, comm
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx: Any, dout: Tensor):
+    def backward(ctx: Any, dout: Tensor, _dlse: Optional[Tensor]):
         q, k, v, out, lse, mask = ctx.saved_tensors
         dq, dk, dv = ring_backward(ctx.spec, ctx.comm, dout, q, k, v, out, lse, mask)
         return dq, dk, dv, None, None, None
@@ -198,10 +199,12 @@ def ring_attention_of_heads(query: Tensor, key: Tensor, value: Tensor, *,
                             softcap: Optional[float] = None,
                             cu_seqlens: Optional[Tensor] = None,
                             dropout_seed: Optional[Tensor] = None,
-                            head_offset: int = 0) -> Tensor:
+                            head_offset: int = 0, return_lse: bool = False):
     """ring_attention over a slice of the heads (the hybrid's ring, after Ulysses): the
     dropout seed already agreed (not drawn again) and the global index of query head 0 in
-    the dropout RNG key, so the slice drops what one device drops on those heads."""
+    the dropout RNG key, so the slice drops what one device drops on those heads. With
+    return_lse, (out, lse): lse [B, Hq, S_local] float64, no gradient (the hybrid's
+    backward checks it for saturated rows on every rank of the mesh)."""
     info = group_info(group)
     agreed = agree_on_inputs(query, key, value, attn_mask, is_causal=is_causal,
                              scale=scale, dropout_p=dropout_p, layout=layout, info=info,
@@ -213,4 +216,5 @@ def ring_attention_of_heads(query: Tensor, key: Tensor, value: Tensor, *,
                     cu_seqlens if agreed.docs is not None else None, agreed.docs,
                     head_offset)
     comm = RingComm(info) if info.world_size > 1 else None
-    return _RingAttention.apply(query, key, value, agreed.mask, spec, comm)
+    out, lse = _RingAttention.apply(query, key, value, agreed.mask, spec, comm)
+    return (out, lse) if return_lse else out

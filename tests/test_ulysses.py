@@ -179,6 +179,44 @@ def _expect_raise(fn, exc, words: list[str], what: str, failures: list[str]) -> 
     failures.append(f"{what}: did not raise")
 
 
+def _run_saturated(m: Mesh, failures: list[str]) -> None:
+    """Head 0 masked on every key by finfo(float32).min: its rows saturate (merge.
+    saturated_rows) on the one Ulysses rank that holds head 0. With a gradient there, every
+    rank of the mesh must raise before the next transfer (a lone raise would leave the
+    others in an all-to-all until the process group's timeout, 30 s here); with a zero
+    gradient on head 0, the backward runs and matches the float64 reference."""
+    s_local = 4
+    s = m.u_size * m.r_size * s_local
+    (q, k, v, dout), _ = _full_inputs(5, s, 4, 2)
+    mask = torch.zeros(1, 4, 1, s)
+    mask[:, 0] = torch.finfo(torch.float32).min
+    pos = m.positions(s_local, "zigzag")
+    for zero_head0 in (False, True):
+        ql, kl, vl = (t.index_select(2, pos).contiguous().requires_grad_() for t in (q, k, v))
+        d = dout.clone()
+        if zero_head0:
+            d[:, 0] = 0
+        out = hybrid_attention(ql, kl, vl, mesh=m.mesh, attn_mask=mask)
+        try:
+            got = _grads(out, d.index_select(2, pos), (ql, kl, vl))
+        except RuntimeError as e:
+            if zero_head0 or "huge finite additive" not in str(e):
+                failures.append(f"{m.name} saturated (zero_head0={zero_head0}): {e}")
+            continue
+        if not zero_head0:
+            failures.append(f"{m.name}: a saturated row with a gradient did not raise")
+            continue
+        xs = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = sdpa_reference(*xs, attn_mask=mask.double(), enable_gqa=True)
+        want = _grads(ref, d.double(), xs)
+        for name, a, r in zip(("dq", "dk", "dv"), got, want):
+            try:
+                assert_close_to_ref(a, None, r.index_select(2, pos), factor=4.0,
+                                    what=f"{m.name} saturated, zero grad {name}")
+            except AssertionError as e:
+                failures.append(str(e))
+
+
 def _run_disagreements(m: Mesh, rank: int, failures: list[str]) -> None:
     """One rank differs: every rank of the mesh raises before any transfer (a rank that
     went on would block in the all-to-all or the ring; the gloo timeout would fail the
@@ -261,6 +299,8 @@ def ulysses_checks(rank: int, world_size: int) -> tuple[int, list[str]]:
         _run_dropout(m, failures)
         _run_shard_unshard(m, failures)
     _run_disagreements(meshes[2], rank, failures)
+    for m in (meshes[0], meshes[2]):  # Ulysses 4x1, hybrid 2x2
+        _run_saturated(m, failures)
     # 4x1: the Ulysses agreement, q/k/v out and out back; 1x4: the ring's agreement, 3 steps.
     _count_collectives(meshes[0], failures, {"all_gather": 1, "all_to_all_single": 2,
                                              "batch_isend_irecv": 0})

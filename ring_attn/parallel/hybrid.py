@@ -146,13 +146,14 @@ def hybrid_attention(query: Tensor, key: Tensor, value: Tensor, *, mesh: Mesh,
         return ring_attention(query, key, value, is_causal=is_causal, scale=scale,
                               attn_mask=attn_mask, dropout_p=dropout_p, **ring)
 
-    def across(q: Tensor, k: Tensor, v: Tensor, m: Optional[Tensor], a: Agreed) -> Tensor:
+    def across(q: Tensor, k: Tensor, v: Tensor, m: Optional[Tensor], a: Agreed
+               ) -> tuple[Tensor, Tensor]:
         # The Ulysses step drew the dropout seed (torch's generator moves once, as on one
         # device); the ring keys its RNG with this rank's global head offset.
         return ring_attention_of_heads(q, k, v, is_causal=is_causal, scale=a.scale,
                                        attn_mask=m, dropout_p=a.dropout_p,
                                        dropout_seed=a.seed, head_offset=a.head_offset,
-                                       **ring)
+                                       return_lse=True, **ring)
 
     return ulysses_around(query, key, value, attn_mask, is_causal=is_causal, scale=scale,
                           dropout_p=dropout_p, layout=layout, row=row, col=col, inner=across)

@@ -34,7 +34,9 @@ Agreement: before any transfer, one all_gather of 22 int64 per rank over the Uly
 (and, in the hybrid, one more over the ring group, so a problem anywhere in the 2-D mesh
 reaches every rank) compares shapes, heads, dtype, causal, scale, dropout, layout, mask
 presence and the mesh shape; any rank's bad input or a disagreement raises on every rank.
-The backward starts with validate.agree_on_backward over the same group(s).
+The backward starts with validate.agree_on_backward over the same group(s); after the
+dout all-to-all, refuse_saturated makes every rank raise when any holds a saturated row
+with a gradient (the kernels' backward refuses one; a lone raise would hang the rest).
 
 Dropout: the kernels' RNG is keyed by (seed, batch, head, query position, key position);
 each Ulysses rank passes the global index of its first query head (dropout_head_offset),
@@ -56,10 +58,10 @@ import torch.distributed as dist
 
 from .. import ops
 from ..comm import GroupInfo, group_info
-from ..errors import RingAttnError, RingAttnException, refuse_double_backward
+from ..errors import SATURATED, RingAttnError, RingAttnException, refuse_double_backward
 from ..functional import draw_seed
 from ..layout import LAYOUTS, check_layout, required_multiple
-from ..merge import acc_dtype
+from ..merge import acc_dtype, saturated_rows
 from ..validate import (_DEVICES, _DTYPES, _ROW, RingInputError, _bits, _check_equal,
                         _gather, _local_check, _next_call, _show, agree_on_backward,
                         check_mask_values)
@@ -177,8 +179,9 @@ class _ToHeads(torch.autograd.Function):
 
 class _ToSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ex: Exchange, y: Tensor) -> Tensor:
+    def forward(ctx, ex: Exchange, y: Tensor, lse: Tensor) -> Tensor:
         ctx.ex = ex
+        ctx.save_for_backward(lse)
         return to_sequence([y], list(ex.plans), ex.info)[0]
 
     @staticmethod
@@ -200,7 +203,25 @@ class _ToSequence(torch.autograd.Function):
                 error = error or e
         if error is not None:
             raise error
-        return None, to_heads([dout], list(ex.plans), ex.info)[0]
+        dout_h = to_heads([dout], list(ex.plans), ex.info)[0]
+        refuse_saturated(ctx.saved_tensors[0], dout_h, [info for info, _ in ex.agree_over])
+        return None, dout_h, None
+
+
+def refuse_saturated(lse: Tensor, dout: Tensor, groups: list[GroupInfo]) -> None:
+    """Raise on every rank of the mesh when any rank holds a saturated row with a gradient
+    (merge.saturated_rows): the kernels' backward refuses such a row, and a rank that
+    raised alone would leave the others waiting in the next all-to-all until the process
+    group's timeout. The row lives on one rank of the mesh (its head's Ulysses rank, its
+    position's ring rank), so a MAX over the Ulysses group and then over the ring group
+    reaches every rank. Cost: one all_reduce of one int per group and one host read."""
+    flag = saturated_rows(lse, dout).to(torch.int32).reshape(1)
+    for info in groups:
+        if info.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=info.group)
+    if bool(flag.item()):
+        raise RingAttnError(f"{SATURATED} (a rank of this mesh holds the row; every rank "
+                            f"stops)")
 
 
 # --- Agreement before any transfer. ---------------------------------------------------------
@@ -339,9 +360,10 @@ def agree(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_causal:
 
 # --- The drivers. ---------------------------------------------------------------------------
 
-# inner(q, k, v, mask, agreed) -> out: attention of [B, Hq/U, S_ring_shard, D] head shards
-# over the whole sequence. mask: [B|1, Hq/U|1, 1, S] or None.
-Inner = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], Agreed], Tensor]
+# inner(q, k, v, mask, agreed) -> (out, lse): attention of [B, Hq/U, S_ring_shard, D] head
+# shards over the whole sequence, and its float64 lse [B, Hq/U, S_ring_shard] (no
+# gradient). mask: [B|1, Hq/U|1, 1, S] or None.
+Inner = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], Agreed], tuple[Tensor, Tensor]]
 
 
 def ulysses_around(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
@@ -355,22 +377,22 @@ def ulysses_around(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
     if m is not None and m.size(1) != 1:
         m = m.narrow(1, qplan.starts[row.rank], qplan.count)
     if row.world_size == 1:
-        return inner(q, k, v, m, agreed)
+        return inner(q, k, v, m, agreed)[0]
     ex_in = Exchange(row, (qplan, kvplan, kvplan))
     qh, kh, vh = _ToHeads.apply(ex_in, q, k, v)
-    out = inner(qh, kh, vh, m, agreed)
-    return _ToSequence.apply(Exchange(row, (qplan,), agreed.calls), out)
+    out, lse = inner(qh, kh, vh, m, agreed)
+    return _ToSequence.apply(Exchange(row, (qplan,), agreed.calls), out, lse.detach())
 
 
 def _local(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], agreed: Agreed,
-           is_causal: bool) -> Tensor:
+           is_causal: bool) -> tuple[Tensor, Tensor]:
     """All S tokens are here, in global order: one kernel call (its autograd)."""
     s = q.size(2)
     m = None if mask is None else mask.expand(q.size(0), q.size(1), s, s)
-    out, _ = ops.attn_fwd(q, k, v, m, None, None, 0, 0, is_causal, agreed.scale,
+    out, lse = ops.attn_fwd(q, k, v, m, None, None, 0, 0, is_causal, agreed.scale,
                           agreed.dropout_p, agreed.seed, False,
                           dropout_head_offset=agreed.head_offset)
-    return out
+    return out, lse
 
 
 def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, *,
