@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import RingComm, pack, unpack
-from ..merge import acc_dtype
+from ..merge import acc_dtype, merge_
 from .cache import ShardedKVCache, chunk_positions
 from .checks import agree
 from .partial import (Partial, merge_partials, pack_partial, partial_numel, shard_partial,
@@ -60,7 +60,10 @@ def _pass_kv(comm: Optional[RingComm], q: Tensor, positions: list, k: Tensor, v:
             pending = comm.exchange([((r + 1) % p, buf)], [((r - 1) % p, nxt[0])], KV_TAG)
         part = shard_partial(q, positions[r], held[0], held[1], counts[src], positions[src],
                              scale)
-        acc = part if acc is None else merge_partials([acc, part])
+        if acc is None:
+            acc = part
+        else:
+            merge_(acc[0], acc[1], *part)
         if pending is not None:
             pending.wait()
             buf, rows = nxt
