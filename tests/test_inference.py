@@ -131,22 +131,26 @@ def test_placement_balances_and_chunk_runs_cover_the_chunk() -> None:
 
 def test_choose_strategy_follows_the_bytes() -> None:
     f32, bf16 = torch.float32, torch.bfloat16
-    assert choose_strategy(100, 0, 8, 8, 64, 64, f32, 4) == "pass_kv"   # no cache
-    assert choose_strategy(100, 10_000, 8, 8, 64, 64, f32, 4) == "pass_q"  # long cache
-    assert choose_strategy(100, 10_000, 8, 8, 64, 64, f32, 1) == "pass_kv"  # nothing sent
+    kw = dict(exposed_round_bytes=0)  # bytes only
+    assert choose_strategy(100, 0, 8, 8, 64, 64, f32, 4, **kw) == "pass_kv"   # no cache
+    assert choose_strategy(100, 10_000, 8, 8, 64, 64, f32, 4, **kw) == "pass_q"  # long cache
+    assert choose_strategy(100, 10_000, 8, 8, 64, 64, f32, 1, **kw) == "pass_kv"  # no sends
     # GQA g = 8: the queries are 8x the K/V per token, so pass-Q needs a 8x longer cache.
-    assert choose_strategy(100, 500, 32, 4, 64, 64, f32, 4) == "pass_kv"
-    assert choose_strategy(100, 900, 32, 4, 64, 64, f32, 4) == "pass_q"
-    # The switch sits where the per-rank byte formulas cross (P = 4, balanced shards).
-    for dtype in (f32, bf16):
-        for hq, hk in ((8, 8), (8, 2), (8, 1)):
-            for t in (0, 64, 256, 1024, 4096):
-                n = 256
-                kv = pass_kv_bytes([(t + n) // 4] * 4, 1, hk, 64, 64, dtype, 0)
-                qb = pass_q_bytes([n // 4] * 4, 1, hq, 64, 64, dtype, 0)
-                want = "pass_q" if qb < kv else "pass_kv"
-                assert choose_strategy(n, t, hq, hk, 64, 64, dtype, 4) == want, (dtype, hq,
-                                                                                  hk, t)
+    assert choose_strategy(100, 500, 32, 4, 64, 64, f32, 4, **kw) == "pass_kv"
+    assert choose_strategy(100, 900, 32, 4, 64, 64, f32, 4, **kw) == "pass_q"
+    # The switch sits where the per-rank byte formulas cross (P = 4, balanced shards),
+    # pass-Q's exposed round counted as its bytes.
+    for x in (0, 2 ** 20, 3 * 2 ** 20):
+        for dtype in (f32, bf16):
+            for hq, hk in ((8, 8), (8, 2), (8, 1)):
+                for t in (0, 64, 256, 1024, 4096, 16384, 65536):
+                    n, b = 256, 2
+                    kv = pass_kv_bytes([(t + n) // 4] * 4, b, hk, 64, 64, dtype, 0)
+                    qb = pass_q_bytes([n // 4] * 4, b, hq, 64, 64, dtype, 0)
+                    want = "pass_q" if qb + x < kv else "pass_kv"
+                    got = choose_strategy(n, t, hq, hk, 64, 64, dtype, 4, b,
+                                          exposed_round_bytes=x)
+                    assert got == want, (x, dtype, hq, hk, t)
 
 
 def test_cache_grows_geometrically_and_checks_arguments() -> None:
@@ -170,6 +174,15 @@ def test_cache_grows_geometrically_and_checks_arguments() -> None:
         ring_prefill(q.detach(), kv, kv, cache, strategy="ring")
     with pytest.raises(RingAttnTypeError, match="ShardedKVCache"):
         ring_decode(q.detach(), kv, kv, object())
+    # A serving batch of different cached lengths is refused, saying what is supported.
+    two = ShardedKVCache(1, 2, 2, 8)
+    q2, kv2 = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)
+    ring_prefill(q2, kv2, kv2, two, cache_seqlens=torch.tensor([0, 0]))
+    with pytest.raises(RingAttnError, match="different cached lengths in one batch are not "
+                                            "supported: cache_seqlens = \\[3, 2\\].*same 3 "
+                                            "tokens for each of its 2 sequences"):
+        ring_decode(q2[:, :, :1], kv2[:, :, :1], kv2[:, :, :1], two, cache_seqlens=[3, 2])
+    assert two.length() == 3
 
 
 # ---- gloo, P = 1..4 --------------------------------------------------------------------

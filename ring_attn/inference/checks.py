@@ -62,14 +62,37 @@ class Call:
     owners: Optional[list] = None  # decode: the rank that takes each new token
 
 
+def check_cache_seqlens(name: str, cache_seqlens: object, cache: ShardedKVCache,
+                        layer: int) -> None:
+    """A serving batch whose sequences have different cached lengths is refused: every
+    sequence of a ShardedKVCache has the cache's length (flash-attn's cache_seqlens, when
+    given, must say so)."""
+    if cache_seqlens is None:
+        return
+    if isinstance(cache_seqlens, Tensor):
+        cache_seqlens = cache_seqlens.tolist()
+    if not isinstance(cache_seqlens, (list, tuple)) or \
+            not all(isinstance(x, int) for x in cache_seqlens):
+        raise RingAttnTypeError(f"ring_attn: {name} cache_seqlens must be None, a 1-D int tensor "
+                                f"or a list of ints, got {type(cache_seqlens).__name__}")
+    t = cache.length(layer)
+    if len(cache_seqlens) != cache.batch or any(x != t for x in cache_seqlens):
+        raise RingAttnError(
+            f"ring_attn: {name}: sequences with different cached lengths in one batch are not "
+            f"supported: cache_seqlens = {list(cache_seqlens)}, but a ShardedKVCache holds the "
+            f"same {t} tokens for each of its {cache.batch} sequences; put sequences of equal "
+            "length in one cache (one cache per length)")
+
+
 def _local_check(kind: int, q: Tensor, k: Tensor, v: Tensor, cache: ShardedKVCache,
                  layer: int, scale: object, strategy: object,
-                 group: Optional[dist.ProcessGroup]) -> float:
+                 group: Optional[dist.ProcessGroup], cache_seqlens: object = None) -> float:
     name = _KINDS[kind]
     if group is not None and group is not cache.info.group:
         raise RingAttnError(f"ring_attn: {name} group must be the cache's group (or None), "
                             f"got another process group")
     cache.layer_state(layer)
+    check_cache_seqlens(name, cache_seqlens, cache, layer)
     check_strategy(strategy)
     scale = check_scale(scale)
     for arg, t in (("query", q), ("key", k), ("value", v)):
@@ -106,7 +129,8 @@ def _local_check(kind: int, q: Tensor, k: Tensor, v: Tensor, cache: ShardedKVCac
 
 
 def agree(kind: int, q: Tensor, k: Tensor, v: Tensor, cache: ShardedKVCache, layer: int,
-          scale: object, strategy: str, group: Optional[dist.ProcessGroup]) -> Call:
+          scale: object, strategy: str, group: Optional[dist.ProcessGroup],
+          cache_seqlens: object = None) -> Call:
     """Check this rank's inputs and agree with every rank of the cache's group; raise on
     every rank otherwise. kind: 0 ring_prefill, 1 ring_decode."""
     if not isinstance(cache, ShardedKVCache):  # no group to agree with: raise here
@@ -115,7 +139,8 @@ def agree(kind: int, q: Tensor, k: Tensor, v: Tensor, cache: ShardedKVCache, lay
     info = cache.info
     error: Optional[BaseException] = None
     try:
-        scale = _local_check(kind, q, k, v, cache, layer, scale, strategy, group)
+        scale = _local_check(kind, q, k, v, cache, layer, scale, strategy, group,
+                             cache_seqlens)
         counts = cache.counts(layer)
         fields = [kind, layer, q.size(0), q.size(1), k.size(1), q.size(3), v.size(3),
                   _DTYPES.index(q.dtype), _DEVICES.index(q.device.type), _bits(scale),
@@ -149,5 +174,5 @@ def agree(kind: int, q: Tensor, k: Tensor, v: Tensor, cache: ShardedKVCache, lay
             "give each rank its tokens)")
     if strategy == "auto":
         strategy = choose_strategy(n, sum(counts), q.size(1), k.size(1), q.size(3), v.size(3),
-                                   q.dtype, info.world_size)
+                                   q.dtype, info.world_size, q.size(0))
     return Call(scale, counts, shards, n, strategy)

@@ -24,8 +24,8 @@ PARTIAL_TAG = 7321  # the tag record_traffic files the all_gather under
 
 
 def ring_decode(q: Tensor, k: Tensor, v: Tensor, cache: ShardedKVCache, *, layer: int = 0,
-                scale: Optional[float] = None,
-                group: Optional[dist.ProcessGroup] = None) -> Tensor:
+                scale: Optional[float] = None, group: Optional[dist.ProcessGroup] = None,
+                cache_seqlens: Optional[Tensor] = None) -> Tensor:
     """Attention of n new tokens (the same on every rank) over the cache and, causally,
     each other; their K/V are appended to the cache (token j at global position T + j, T
     the cached length, on the rank cache.decode_owners gives).
@@ -33,12 +33,12 @@ def ring_decode(q: Tensor, k: Tensor, v: Tensor, cache: ShardedKVCache, *, layer
     Args:
       q: [B, Hq, n, D], k: [B, Hk, n, D], v: [B, Hk, n, Dv]: the new tokens, replicated
         (every rank passes the same values; only the owners' rows are kept).
-      cache, layer, scale, group: as ring_prefill.
+      cache, layer, scale, group, cache_seqlens: as ring_prefill.
 
     Returns [B, Hq, n, Dv] in q's dtype, identical on every rank. Inference only (raises
     if an input requires grad while grad mode is on); the ranks agree before sending.
     """
-    call = agree(1, q, k, v, cache, layer, scale, "auto", group)
+    call = agree(1, q, k, v, cache, layer, scale, "auto", group, cache_seqlens)
     info = cache.info
     with torch.no_grad():
         start = sum(call.counts)

@@ -109,7 +109,8 @@ def _pass_q(comm: Optional[RingComm], q: Tensor, positions: list, k: Tensor, v: 
 
 def ring_prefill(q: Tensor, k: Tensor, v: Tensor, cache: ShardedKVCache, *, layer: int = 0,
                  strategy: str = "auto", scale: Optional[float] = None,
-                 group: Optional[dist.ProcessGroup] = None) -> Tensor:
+                 group: Optional[dist.ProcessGroup] = None,
+                 cache_seqlens: Optional[Tensor] = None) -> Tensor:
     """Causal attention of this rank's share of a chunk of new tokens over every cached
     token and every new token at or before it (global positions), then appends the new
     K/V to the cache.
@@ -123,13 +124,16 @@ def ring_prefill(q: Tensor, k: Tensor, v: Tensor, cache: ShardedKVCache, *, laye
       strategy: "pass_kv" (K/V travel), "pass_q" (queries travel, partial outputs come
         home) or "auto" (strategy.choose_strategy: the one that sends fewer bytes).
       scale: score scale, default 1/sqrt(D). group: None or the cache's group.
+      cache_seqlens: optional, flash-attn's per-sequence cached lengths [B]: every
+        sequence of a cache has the cache's length, so any other value (a serving batch
+        of sequences with different cached lengths) raises, saying so.
 
     Returns this rank's output [B, Hq, n_r, Dv] in q's dtype (float32 accumulation and
     merge; float64 for float64). Inference only: raises if an input requires grad while
     grad mode is on. Ranks agree on every argument, on the cache's contents and on the
     chunk's placement before anything is sent, and raise together otherwise.
     """
-    call = agree(0, q, k, v, cache, layer, scale, strategy, group)
+    call = agree(0, q, k, v, cache, layer, scale, strategy, group, cache_seqlens)
     info = cache.info
     with torch.no_grad():
         start = sum(call.counts)

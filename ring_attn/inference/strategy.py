@@ -16,11 +16,12 @@ accumulator element, 8 for float64 inputs):
 Both do the same kernel work (every new query against every cached and earlier new key);
 what differs is the bytes and what overlaps: pass-KV's transfers overlap its compute
 except the last, pass-Q's partials go home after the compute. "auto" picks the strategy
-that sends fewer bytes (the common factor (P - 1) / P * B cancels): pass-Q iff
-N * Hq * (D * e + Dv * a + 8) < (T + N) * Hk * (D + Dv) * e, i.e. with D = Dv and
-g = Hq / Hk, T + N > g * N * (1 + 1/D) in float32 and T + N > 1.5 * g * N * (1 + 4/(3 D))
-in bf16: pass-Q once the cache is longer than about g (1.5 g) times the chunk. The
-crossover measured on CPU/gloo: benchmarks/results/inference.md.
+that sends fewer bytes once pass-Q's one exposed round is counted as bytes (X, below):
+pass-Q iff (P-1)/P * B * [N * Hq * (D * e + Dv * a + 8)] + X < (P-1)/P * B * [(T + N) * Hk
+* (D + Dv) * e]. Without X, with D = Dv and g = Hq / Hk, that is T + N > g * N * (1 + 1/D)
+in float32 and T + N > 1.5 * g * N * (1 + 4/(3 D)) in bf16: pass-Q once the cache is
+longer than about g (1.5 g) times the chunk; X moves the switch to longer caches for
+small calls. The crossover measured on CPU/gloo: benchmarks/results/inference.md.
 """
 from __future__ import annotations
 
@@ -61,13 +62,26 @@ def pass_q_bytes(new_per_rank: list[int], batch: int, heads: int, head_dim: int,
     return batch * heads * (queries * head_dim * e + partials * (value_head_dim * a + 8))
 
 
+# pass-Q's partials go home after its last compute: one message round that nothing
+# overlaps, which pass-KV does not pay. Counted as the bytes the link would move in that
+# time (latency x bandwidth). Fitted on benchmarks/bench_inference.py's grid (P = 4 gloo
+# ranks on a shared 2-core VM, load ~11): pass-KV stayed as fast or faster up to a
+# difference of ~3 MiB per rank (e.g. Hq:Hk 8:2, T 4096, N 64: 3.05 vs 0.19 MiB, pass-KV
+# 21 ms, pass-Q 30 ms) and pass-Q won clearly beyond it (8:8, T 4096, N 64: 12.2 vs 0.19
+# MiB, 60 vs 28 ms). On NVLink-class links (~10 us x 100 GB/s) it would be ~1 MB.
+EXPOSED_ROUND_BYTES = 3 * 2 ** 20
+
+
 def choose_strategy(n_new: int, n_cached: int, heads: int, kv_heads: int, head_dim: int,
-                    value_head_dim: int, dtype: torch.dtype, world_size: int) -> str:
-    """"pass_q" when it sends fewer bytes per rank than "pass_kv" (on average over
-    ranks), else "pass_kv"; one rank: "pass_kv" (nothing is sent)."""
+                    value_head_dim: int, dtype: torch.dtype, world_size: int,
+                    batch: int = 1, exposed_round_bytes: int = EXPOSED_ROUND_BYTES) -> str:
+    """"pass_q" when its bytes per rank plus one exposed round (exposed_round_bytes) are
+    fewer than pass-KV's (balanced shards), else "pass_kv"; one rank: "pass_kv" (nothing
+    is sent)."""
     if world_size <= 1 or n_new == 0:
         return "pass_kv"
     e, a = _sizes(dtype)
-    kv = (n_cached + n_new) * kv_heads * (head_dim + value_head_dim) * e
-    q = n_new * heads * (head_dim * e + value_head_dim * a + 8)
-    return "pass_q" if q < kv else "pass_kv"
+    share = batch * (world_size - 1) / world_size  # each rank sends P - 1 of P shares
+    kv = share * (n_cached + n_new) * kv_heads * (head_dim + value_head_dim) * e
+    q = share * n_new * heads * (head_dim * e + value_head_dim * a + 8)
+    return "pass_q" if q + exposed_round_bytes < kv else "pass_kv"
