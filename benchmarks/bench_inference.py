@@ -32,7 +32,6 @@ import torch.multiprocessing as mp
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-import ring_attn  # noqa: E402
 from bench_hybrid import machine  # noqa: E402
 from ring_attn.comm import record_traffic  # noqa: E402
 from ring_attn.inference import (ShardedKVCache, choose_strategy, chunk_positions,  # noqa: E402
@@ -185,7 +184,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=_ints, default=_ints("8,2"))
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=9)
     ap.add_argument("--decode-lens", type=_ints, default=_ints("1024,4096,16384,65536"))
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--no-write", action="store_true")

@@ -21,7 +21,6 @@ the tokens are identical. Per-rank cache memory is printed: total / P.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

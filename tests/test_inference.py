@@ -154,13 +154,16 @@ def test_choose_strategy_follows_the_bytes() -> None:
 
 
 def test_cache_grows_geometrically_and_checks_arguments() -> None:
+    assert (ring_attn.ShardedKVCache, ring_attn.ring_prefill, ring_attn.ring_decode) == \
+        (ShardedKVCache, ring_prefill, ring_decode)
     cache = ShardedKVCache(2, 1, 2, 8, dtype=torch.float32)
     q = torch.randn(1, 4, 1, 8)
     kv = torch.randn(1, 2, 1, 8)
-    with torch.no_grad():
+    with torch.inference_mode():  # a cache made outside inference mode grows inside it
         for _ in range(300):
             ring_decode(q, kv, kv, cache, layer=1)
-    assert cache.length(1) == 300 and cache.length(0) == 0
+    ring_decode(q, kv, kv, cache, layer=1)  # and goes on growing outside it
+    assert cache.length(1) == 301 and cache.length(0) == 0
     assert cache.reallocations(1) <= 5  # 16 -> 32 -> ... -> 512: 5, not 300
     with pytest.raises(RingAttnError, match="layer must be in \\[0, 2\\)"):
         ring_decode(q, kv, kv, cache, layer=2)

@@ -241,7 +241,10 @@ class ShardedKVCache:
         return torch.empty(self.batch, self.kv_heads, 0, d, dtype=self.dtype,
                            device=self.device)
 
+    @torch.inference_mode(False)
     def _grow(self, st: _Layer, capacity: int) -> None:
+        # Normal tensors even when growing inside torch.inference_mode(): an inference
+        # tensor could not be appended to outside it later (torch refuses the in-place copy).
         n = st.counts[self.rank]
         shape = (self.batch, self.kv_heads, capacity)
         k = torch.empty(*shape, self.head_dim, dtype=self.dtype, device=self.device)
