@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import tempfile
@@ -160,8 +161,9 @@ def write(rows: list[dict], a) -> None:
     within = sum(r["auto_over_best"] <= 1.02 for r in pre)
     lines += ["", f"auto picked the faster strategy at {hits} of {len(pre)} points "
               f"({100 * hits / max(len(pre), 1):.0f}%); within 2% of the faster at {within} of "
-              f"{len(pre)}; worst auto / best = {worst:.3f}.", "",
-              "## Decode: one token per step", "",
+              f"{len(pre)}; worst auto / best = {worst:.3f}.", ""]
+    lines += pooled(pre, a)
+    lines += ["## Decode: one token per step", "",
               "| cache tokens L | P | ms / step | cache tokens per rank | cache MiB per rank |",
               "|---|---|---|---|---|"]
     for r in (r for r in rows if r["kind"] == "decode"):
@@ -174,6 +176,36 @@ def write(rows: list[dict], a) -> None:
         json.dump({"machine": machine(), "args": vars(a) | {"torch_dtype": a.dtype},
                    "rows": rows}, f, indent=1)
     print("\n".join(lines))
+
+
+def pooled(pre: list[dict], a) -> list[str]:
+    """Append this run's prefill rows to inference_runs.jsonl and rank the strategies by
+    the geometric mean of pass-KV / pass-Q time over every run stored there (same grid):
+    on a shared machine one run's ranking flips where the two are within its noise."""
+    path = os.path.join(RESULTS, "inference_runs.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps({"machine": machine(), "rows": pre}) + "\n")
+    runs = [json.loads(line)["rows"] for line in open(path)]
+    ratios: dict = {}
+    for rows in runs:
+        for r in rows:
+            ratios.setdefault((r["Hk"], r["T"], r["N"]), []).append(r["pass_kv_ms"] /
+                                                                   r["pass_q_ms"])
+    lines = [f"### Pooled over the {len(runs)} runs in inference_runs.jsonl", "",
+             "| Hq:Hk | cached T | new N | pass-KV / pass-Q per run | geometric mean | "
+             "faster | auto | auto / best |", "|---|---|---|---|---|---|---|---|"]
+    hits, worst = 0, 1.0
+    for (hk, t, n), rs in sorted(ratios.items(), key=lambda kv: (-kv[0][0], kv[0][1:])):
+        g = math.exp(sum(math.log(x) for x in rs) / len(rs))
+        faster = "pass_q" if g > 1 else "pass_kv"
+        auto = choose_strategy(n, t, a.heads, hk, a.dim, a.dim, a.torch_dtype, P, 1)
+        ratio = 1.0 if auto == faster else (g if auto == "pass_kv" else 1 / g)
+        hits += auto == faster
+        worst = max(worst, ratio)
+        lines.append(f"| {a.heads}:{hk} | {t} | {n} | {' / '.join(f'{x:.2f}' for x in rs)} | "
+                     f"{g:.2f} | {faster} | {auto} | {ratio:.3f} |")
+    return lines + ["", f"Pooled: auto picked the faster strategy at {hits} of {len(ratios)} "
+                    f"points; worst auto / best = {worst:.3f}.", ""]
 
 
 def main() -> None:
