@@ -9,7 +9,10 @@ tokens T, new tokens N) of the grid and each KV-head count, a cache of T random 
 filled (untimed, through the cache's own placement), then one ring_prefill of a chunk of
 N tokens runs with strategy "pass_kv" and with "pass_q" (alternating, --iters times each);
 the time of a call is its slowest rank's wall time, the best of the --iters is reported, with the bytes this
-rank sent (comm.record_traffic, the most over ranks). "auto" is
+rank sent (comm.record_traffic, the most over ranks). Each run's prefill rows are
+appended to results/inference_runs.jsonl and the strategies are also ranked by the
+geometric mean of pass-KV / pass-Q over every stored run: on a shared machine a single
+run's ranking flips where the two are within its noise. "auto" is
 ring_attn.inference.choose_strategy on the same sizes; it "picks the faster" when its
 choice had the lower time, and auto/best is its choice's time over the faster one's.
 Decode: ring_decode of one token per step on a cache of L tokens, the mean over

@@ -14,8 +14,8 @@ accumulator element, 8 for float64 inputs):
          + P - 1 messages of N / P * B * Hq * (Dv * a + 8) (out and float64 lse)
 
 Both do the same kernel work (every new query against every cached and earlier new key);
-what differs is the bytes and what overlaps: pass-KV's transfers overlap its compute
-except the last, pass-Q's partials go home after the compute. "auto" picks the strategy
+what differs is the bytes and what overlaps: every pass-KV transfer overlaps a compute
+step, while pass-Q's partials go home after its last one. "auto" picks the strategy
 that sends fewer bytes once pass-Q's one exposed round is counted as bytes (X, below):
 pass-Q iff (P-1)/P * B * [N * Hq * (D * e + Dv * a + 8)] + X < (P-1)/P * B * [(T + N) * Hk
 * (D + Dv) * e]. Without X, with D = Dv and g = Hq / Hk, that is T + N > g * N * (1 + 1/D)
@@ -68,7 +68,9 @@ def pass_q_bytes(new_per_rank: list[int], batch: int, heads: int, head_dim: int,
 # ranks on a shared 2-core VM, load ~11): pass-KV stayed as fast or faster up to a
 # difference of ~3 MiB per rank (e.g. Hq:Hk 8:2, T 4096, N 64: 3.05 vs 0.19 MiB, pass-KV
 # 21 ms, pass-Q 30 ms) and pass-Q won clearly beyond it (8:8, T 4096, N 64: 12.2 vs 0.19
-# MiB, 60 vs 28 ms). On NVLink-class links (~10 us x 100 GB/s) it would be ~1 MB.
+# MiB, 60 vs 28 ms). Pooled over 4 runs of the grid (benchmarks/results/inference.md)
+# auto picks the faster at 26 of 30 points, at worst 1.22x the faster (where runs
+# disagree: 0.84x-1.83x). On NVLink-class links (~10 us x 100 GB/s) it would be ~1 MB.
 EXPOSED_ROUND_BYTES = 3 * 2 ** 20
 
 
