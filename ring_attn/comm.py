@@ -120,6 +120,18 @@ class RingComm:
         return Pending(dist.batch_isend_irecv(ops) if ops else [])
 
 
+def all_gather(buf: Tensor, info: GroupInfo, tag: int) -> list[Tensor]:
+    """dist.all_gather of one buffer per rank (the same size on every rank), recorded as
+    this rank's buffer sent to each of the P - 1 others under `tag` (what a ring or
+    direct all-gather sends per rank)."""
+    parts = [torch.empty_like(buf) for _ in range(info.world_size)]
+    for rec in _recorders:
+        rec.sent += [(peer, tag, buf.numel() * buf.element_size())
+                     for peer in range(info.world_size) if peer != info.rank]
+    dist.all_gather(parts, buf, group=info.group)
+    return parts
+
+
 def pack(tensors: list[Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
     """One contiguous 1-D buffer holding tensors back to back (one message per step)."""
     dtype = dtype or tensors[0].dtype

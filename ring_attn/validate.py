@@ -335,6 +335,45 @@ def _check_equal(rows: list[list[int]], names: list[str], show) -> None:
                                  f"{show(name, values[0])}, {diff}")
 
 
+def _raise_if_rejected(rows: list[list[int]], error: Optional[BaseException],
+                       info: GroupInfo) -> None:
+    """Every rank raises when any rank's own check failed (slot 1 of its row): the rank at
+    fault with its own error's type, the others with RingInputError naming it."""
+    bad = [r for r, row_r in enumerate(rows) if row_r[1] != 0]
+    if not bad:
+        return
+    if error is not None:
+        msg = f"ring_attn: rank {info.rank}: {error}"
+        if isinstance(error, RuntimeError):
+            raise RingInputError(msg) from error
+        raise type(error)(msg) from error
+    raise RingInputError(f"ring_attn: rank(s) {bad} rejected their inputs (see the error "
+                         f"raised there); this rank ({info.rank}) stops too")
+
+
+def agree_on_fields(magic: int, what: str, fields: list[int], names: list[str],
+                    error: Optional[BaseException], info: GroupInfo,
+                    per_rank: list[int] = (), show=None) -> list[list[int]]:
+    """The agreement of agree_on_inputs for other entry points (ring_attn.inference): one
+    all_gather of [magic, error flag, *fields, *per_rank], padded to the ring's vector
+    length (so it pairs safely with a rank that is in a ring call instead, which then
+    raises too). Raises on every rank when a rank is in another kind of call, rejected
+    its inputs (error), or differs on one of `fields` (named by `names`); returns every
+    rank's row, whose per_rank slots (after the fields) may differ."""
+    row = [magic, int(error is not None), *fields, *per_rank]
+    if len(row) > _ROW:
+        raise AssertionError("ring_attn: agreement vector longer than the ring's")
+    rows = _gather(row + [0] * (_ROW - len(row)), info)
+    other = [r for r, row_r in enumerate(rows) if row_r[0] != magic]
+    if other:
+        raise RingInputError(f"ring_attn: rank {info.rank} runs {what} while rank(s) {other} "
+                             "run another ring_attn call: every rank must make the same calls "
+                             "in the same order")
+    _raise_if_rejected(rows, error, info)
+    _check_equal(rows, names, show or _show)
+    return rows
+
+
 def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
                     is_causal: bool, scale: Optional[float], dropout_p: float, layout: str,
                     info: GroupInfo, window: object = None, softcap: object = None,
@@ -390,15 +429,7 @@ def agree_on_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *,
         # in step across ranks for the calls after this refused one.
         _calls[_call_key(info)] -= 1
         raise
-    bad = [r for r, row_r in enumerate(rows) if row_r[1] != 0]
-    if bad:
-        if error is not None:
-            msg = f"ring_attn: rank {info.rank}: {error}"
-            if isinstance(error, RuntimeError):
-                raise RingInputError(msg) from error
-            raise type(error)(msg) from error
-        raise RingInputError(f"ring_attn: rank(s) {bad} rejected their inputs (see the error "
-                             f"raised there); this rank ({info.rank}) stops too")
+    _raise_if_rejected(rows, error, info)
     _check_equal(rows, _FIELDS, _show)
     seed_t = torch.tensor(rows[0][-3], dtype=torch.int64) if dropout_p > 0.0 else None
     return Agreed(float(scale), dropout_p, seed_t, mask4, call,
