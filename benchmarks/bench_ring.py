@@ -84,7 +84,8 @@ class StepTimer:
         self.ring = importlib.import_module("ring_attn.ring")
         self.comm = importlib.import_module("ring_attn.comm")
         self.steps: dict[tuple[str, int], dict[str, float]] = {}
-        self._cur: tuple[str, int] | None = None
+        self._cur: tuple[str, Any] | None = None
+        self._phase: str | None = None
         self._step_t0 = 0.0
         self._saved: list[tuple[Any, str, Any]] = []
 
@@ -106,12 +107,26 @@ class StepTimer:
             return res
         return block
 
-    def _wrap_loop(self, fn: Callable) -> Callable:
+    def _wrap_loop(self, phase: str, fn: Callable) -> Callable:
         def loop(*args, **kwargs):
+            self._phase = phase
             res = fn(*args, **kwargs)
             self._close_step(time.perf_counter())
+            self._phase = None
             return res
         return loop
+
+    def _wrap_post(self, fn: Callable) -> Callable:
+        """The first K/V post of a ring call opens a step "pre": what the ring waits for
+        before its first block (the backward computes its own block last, so its first
+        hop is waited for before any compute) counts in the bubble."""
+        def post(held, step):
+            if self._cur is None and self._phase is not None:
+                self._cur, self._step_t0 = (self._phase, "pre"), time.perf_counter()
+                self.steps[self._cur] = {"compute": 0.0, "cpu": 0.0, "wait": 0.0,
+                                         "total": 0.0}
+            return fn(held, step)
+        return post
 
     def _wrap_wait(self, fn: Callable) -> Callable:
         def wait(pending):
@@ -125,8 +140,11 @@ class StepTimer:
         patches = [(self.ring, "forward_block", self._wrap_block("fwd", self.ring.forward_block)),
                    (self.ring, "backward_block",
                     self._wrap_block("bwd", self.ring.backward_block)),
-                   (self.ring, "ring_forward", self._wrap_loop(self.ring.ring_forward)),
-                   (self.ring, "ring_backward", self._wrap_loop(self.ring.ring_backward)),
+                   (self.ring, "ring_forward",
+                    self._wrap_loop("fwd", self.ring.ring_forward)),
+                   (self.ring, "ring_backward",
+                    self._wrap_loop("bwd", self.ring.ring_backward)),
+                   (self.comm.HeldKV, "post", self._wrap_post(self.comm.HeldKV.post)),
                    (self.comm.Pending, "wait", self._wrap_wait(self.comm.Pending.wait))]
         for obj, name, new in patches:
             self._saved.append((obj, name, getattr(obj, name)))
@@ -201,8 +219,11 @@ def run_config(args: argparse.Namespace, rank: int, world: int, layout: str, seq
                                threads=torch.get_num_threads(), ranks=gathered)
     for phase in ("fwd", "bwd"):
         keys = [f"{phase}{t}" for t in range(world)]
-        wait = [sum(r["steps"][key]["wait"] for key in keys) for r in gathered]
-        total = [sum(r["steps"][key]["total"] for key in keys) for r in gathered]
+        every = [f"{phase}pre"] + keys  # "pre": waits before the first block (StepTimer)
+        wait = [sum(r["steps"].get(key, {}).get("wait", 0.0) for key in every)
+                for r in gathered]
+        total = [sum(r["steps"].get(key, {}).get("total", 0.0) for key in every)
+                 for r in gathered]
         comp = [sum(r["steps"][key]["compute"] for key in keys) for r in gathered]
         res[f"{phase}_compute_s"] = max(comp)
         res[f"{phase}_wait_s"] = max(wait)

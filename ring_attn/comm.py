@@ -202,7 +202,10 @@ class GradTransit:
                  dtype: torch.dtype) -> None:
         self.comm, self.shapes = comm, (k.shape, v.shape)
         self.per_row = (k.numel() + v.numel()) // max(k.size(2), 1)
-        self.home = torch.zeros(k.numel() + v.numel(), dtype=dtype, device=k.device)
+        # The own shard's sums, allocated at its hop-0 take (ring.py computes the own
+        # block last, so this float32 K/V pair is not live during the ring steps).
+        self.home: Optional[Tensor] = None
+        self._dtype, self._device = dtype, k.device
         self._cur: Optional[Tensor] = None
         self._next: Optional[Tensor] = None
         self._last = Pending([])                 # the previous step's dK/dV exchange
@@ -217,6 +220,9 @@ class GradTransit:
         """(dk, dv, first row) where the step's partials add up: the own sums at hop 0,
         else the held shard's accumulator (arrived from the previous rank, or new)."""
         if step.hop == 0:
+            if self.home is None:
+                self.home = torch.zeros(self.per_row * self.shapes[0][2], dtype=self._dtype,
+                                        device=self._device)
             return (*self._views(self.home, self.shapes[0][2]), 0)
         if step.acc is None:  # nothing of the shard arrived: nothing to add
             self._cur = None
@@ -225,7 +231,8 @@ class GradTransit:
             self._last.wait()
             self._cur = self._next
         else:
-            self._cur = self.home.new_zeros(self.per_row * step.acc.count)
+            self._cur = torch.zeros(self.per_row * step.acc.count, dtype=self._dtype,
+                                    device=self._device)
         return (*self._views(self._cur, step.acc.count), step.acc.start)
 
     def pass_on(self, step, nxt) -> None:
@@ -237,7 +244,8 @@ class GradTransit:
         sends = [(step.acc_out.peer, self._cur)] if step.acc_out is not None else []
         recvs = []
         if nxt is not None and nxt.acc_in is not None:
-            self._next = self.home.new_empty(self.per_row * nxt.acc.count)
+            self._next = torch.empty(self.per_row * nxt.acc.count, dtype=self._dtype,
+                                     device=self._device)
             recvs = [(nxt.acc_in.peer, self._next)]
         self._last = self.comm.exchange(sends, recvs, DKV_TAG) if sends or recvs else \
             Pending([])
@@ -246,14 +254,16 @@ class GradTransit:
             sends = [(m.peer, self._ended.pop(m.rows.source)) for m in step.home_send]
             recvs = []
             if step.home_recv is not None:
-                buf = self.home.new_empty(self.per_row * step.home_recv.rows.count)
+                buf = torch.empty(self.per_row * step.home_recv.rows.count,
+                                  dtype=self._dtype, device=self._device)
                 recvs = [(step.home_recv.peer, buf)]
                 self._arriving.append((buf, step.home_recv.rows))
             self._homing.append(self.comm.exchange(sends, recvs, HOME_TAG))
             self._homing[-1].keep = sends
 
     def finish(self) -> tuple[Tensor, Tensor]:
-        """Wait for everything in flight; the own shard's dk, dv sums."""
+        """Wait for everything in flight; the own shard's dk, dv sums (take() of the own
+        step must have come first)."""
         self._last.wait()
         dk, dv = self._views(self.home, self.shapes[0][2])
         for pending in self._homing:
