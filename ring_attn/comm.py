@@ -202,9 +202,9 @@ class GradTransit:
                  dtype: torch.dtype) -> None:
         self.comm, self.shapes = comm, (k.shape, v.shape)
         self.per_row = (k.numel() + v.numel()) // max(k.size(2), 1)
-        # The own shard's sums, allocated at its hop-0 take (ring.py computes the own
-        # block last, so this float32 K/V pair is not live during the ring steps).
-        self.home: Optional[Tensor] = None
+        # The own shard's (dk, dv) sums: own() or a hop-0 take() sets them (ring.py
+        # computes the own block last, so they are not live during the ring steps).
+        self.home: Optional[tuple[Tensor, Tensor]] = None
         self._dtype, self._device = dtype, k.device
         self._cur: Optional[Tensor] = None
         self._next: Optional[Tensor] = None
@@ -221,9 +221,10 @@ class GradTransit:
         else the held shard's accumulator (arrived from the previous rank, or new)."""
         if step.hop == 0:
             if self.home is None:
-                self.home = torch.zeros(self.per_row * self.shapes[0][2], dtype=self._dtype,
-                                        device=self._device)
-            return (*self._views(self.home, self.shapes[0][2]), 0)
+                self.home = tuple(self._views(torch.zeros(
+                    self.per_row * self.shapes[0][2], dtype=self._dtype,
+                    device=self._device), self.shapes[0][2]))
+            return (*self.home, 0)
         if step.acc is None:  # nothing of the shard arrived: nothing to add
             self._cur = None
             return None, None, 0
@@ -234,6 +235,11 @@ class GradTransit:
             self._cur = torch.zeros(self.per_row * step.acc.count, dtype=self._dtype,
                                     device=self._device)
         return (*self._views(self._cur, step.acc.count), step.acc.start)
+
+    def own(self, dk: Tensor, dv: Tensor) -> None:
+        """The own block's whole-shard dk, dv partials (accumulation dtype) are the own
+        sums: finish() adds what comes home to them."""
+        self.home = (dk, dv)
 
     def pass_on(self, step, nxt) -> None:
         """After the step: its accumulator goes on to the next rank (or waits here to go
@@ -262,10 +268,12 @@ class GradTransit:
             self._homing[-1].keep = sends
 
     def finish(self) -> tuple[Tensor, Tensor]:
-        """Wait for everything in flight; the own shard's dk, dv sums (take() of the own
-        step must have come first)."""
+        """Wait for everything in flight; the own shard's dk, dv sums (what came home
+        added to the own block's, or to zeros when neither own() nor take() set them)."""
         self._last.wait()
-        dk, dv = self._views(self.home, self.shapes[0][2])
+        dk, dv = self.home if self.home is not None else self._views(torch.zeros(
+            self.per_row * self.shapes[0][2], dtype=self._dtype, device=self._device),
+            self.shapes[0][2])
         for pending in self._homing:
             pending.wait()
         for buf, rows in self._arriving:

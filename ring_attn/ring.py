@@ -98,7 +98,8 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
     # partials final (the blocks of the backward are independent), so computing it
     # after the ring (a) overlaps the dK/dV hops home with compute, and (b) means the
     # own dK/dV sums (float32, a K/V pair) exist only at the end, not through every step:
-    # 4 of the 25 q-shard-sized buffers at the bfloat16 backward's peak (P = 4). The
+    # 4 of the 25 q-shard-sized buffers at the bfloat16 backward's peak (P = 4;
+    # benchmarks/results/ring_memory.md). The
     # price is the first K/V hop, waited for before any compute (2 q-shards of input
     # dtype, against the 2 float32 ones of the last dK/dV hop it replaces).
     for i, st in enumerate(steps):
@@ -117,10 +118,12 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
         with span(rec, "bwd", i, "wait"):
             held.advance(pending)
     with span(rec, "bwd", 0, "compute"):  # the own block: step 0's, computed last
-        partial = backward_block(spec, steps[0].blk, dout, q, k, v, out, lse, mask)
-    if partial is not None:  # (the own block is never skipped: schedule._block)
-        partial.add_to(dq, *grads.take(steps[0]))
-        partial = None
+        own = backward_block(spec, steps[0].blk, dout, q, k, v, out, lse, mask)
+    # The own block is the whole shard, never skipped (schedule._block): its float32
+    # dK/dV partials become the own sums as they are (no zeroed copy to add them to).
+    dq.add_(own.dq)
+    grads.own(own.dk, own.dv)
+    own = None
     with span(rec, "bwd", len(steps), "wait"):
         dk, dv = grads.finish()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
