@@ -99,7 +99,7 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
     # after the ring (a) overlaps the dK/dV hops home with compute, and (b) means the
     # own dK/dV sums (float32, a K/V pair) exist only at the end, not through every step:
     # 4 of the 25 q-shard-sized buffers at the bfloat16 backward's peak (P = 4;
-    # benchmarks/results/ring_memory.md). The
+    # benchmarks/results/ring_memory_accounting.md). The
     # price is the first K/V hop, waited for before any compute (2 q-shards of input
     # dtype, against the 2 float32 ones of the last dK/dV hop it replaces).
     for i, st in enumerate(steps):
