@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_ring.py --seq-lens 4096 8192
     python benchmarks/bench_ring.py --sweep        # P = 1, 2, 4; writes benchmarks/results/
+    python benchmarks/bench_ring.py --vs-torch-cp  # vs torch's CP ring (torch_cp.py), P = 2, 4
 
 Worker mode (under torchrun) runs ring_attn.ring_attention forward + backward on random
 shards [B, H, S/P, D] for every (layout, S) asked, and rank 0 prints one JSON line per
@@ -83,7 +84,8 @@ class StepTimer:
         self.ring = importlib.import_module("ring_attn.ring")
         self.comm = importlib.import_module("ring_attn.comm")
         self.steps: dict[tuple[str, int], dict[str, float]] = {}
-        self._cur: tuple[str, int] | None = None
+        self._cur: tuple[str, Any] | None = None
+        self._phase: str | None = None
         self._step_t0 = 0.0
         self._saved: list[tuple[Any, str, Any]] = []
 
@@ -105,12 +107,26 @@ class StepTimer:
             return res
         return block
 
-    def _wrap_loop(self, fn: Callable) -> Callable:
+    def _wrap_loop(self, phase: str, fn: Callable) -> Callable:
         def loop(*args, **kwargs):
+            self._phase = phase
             res = fn(*args, **kwargs)
             self._close_step(time.perf_counter())
+            self._phase = None
             return res
         return loop
+
+    def _wrap_post(self, fn: Callable) -> Callable:
+        """The first K/V post of a ring call opens a step "pre": what the ring waits for
+        before its first block (the backward computes its own block last, so its first
+        hop is waited for before any compute) counts in the bubble."""
+        def post(held, step):
+            if self._cur is None and self._phase is not None:
+                self._cur, self._step_t0 = (self._phase, "pre"), time.perf_counter()
+                self.steps[self._cur] = {"compute": 0.0, "cpu": 0.0, "wait": 0.0,
+                                         "total": 0.0}
+            return fn(held, step)
+        return post
 
     def _wrap_wait(self, fn: Callable) -> Callable:
         def wait(pending):
@@ -124,8 +140,11 @@ class StepTimer:
         patches = [(self.ring, "forward_block", self._wrap_block("fwd", self.ring.forward_block)),
                    (self.ring, "backward_block",
                     self._wrap_block("bwd", self.ring.backward_block)),
-                   (self.ring, "ring_forward", self._wrap_loop(self.ring.ring_forward)),
-                   (self.ring, "ring_backward", self._wrap_loop(self.ring.ring_backward)),
+                   (self.ring, "ring_forward",
+                    self._wrap_loop("fwd", self.ring.ring_forward)),
+                   (self.ring, "ring_backward",
+                    self._wrap_loop("bwd", self.ring.ring_backward)),
+                   (self.comm.HeldKV, "post", self._wrap_post(self.comm.HeldKV.post)),
                    (self.comm.Pending, "wait", self._wrap_wait(self.comm.Pending.wait))]
         for obj, name, new in patches:
             self._saved.append((obj, name, getattr(obj, name)))
@@ -200,8 +219,11 @@ def run_config(args: argparse.Namespace, rank: int, world: int, layout: str, seq
                                threads=torch.get_num_threads(), ranks=gathered)
     for phase in ("fwd", "bwd"):
         keys = [f"{phase}{t}" for t in range(world)]
-        wait = [sum(r["steps"][key]["wait"] for key in keys) for r in gathered]
-        total = [sum(r["steps"][key]["total"] for key in keys) for r in gathered]
+        every = [f"{phase}pre"] + keys  # "pre": waits before the first block (StepTimer)
+        wait = [sum(r["steps"].get(key, {}).get("wait", 0.0) for key in every)
+                for r in gathered]
+        total = [sum(r["steps"].get(key, {}).get("total", 0.0) for key in every)
+                 for r in gathered]
         comp = [sum(r["steps"][key]["compute"] for key in keys) for r in gathered]
         res[f"{phase}_compute_s"] = max(comp)
         res[f"{phase}_wait_s"] = max(wait)
@@ -406,6 +428,42 @@ def sweep(args: argparse.Namespace) -> None:
     print(report)
 
 
+def vs_torch_cp(args: argparse.Namespace) -> None:
+    """ring_attn vs torch's context-parallel ring (both rotate methods), each P launched
+    under torchrun; writes results/ring_vs_torch_cp.md and .json."""
+    import torch_cp
+    os.makedirs(RESULTS, exist_ok=True)
+    raw = os.path.join(RESULTS, "ring_vs_torch_cp.jsonl")
+    if os.path.exists(raw):
+        os.remove(raw)
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    t0 = time.perf_counter()
+    for world in args.worlds:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={world}", os.path.abspath(__file__), "--torch-cp-worker",
+               "--out", raw, "--seq-lens", *map(str, args.seq_lens), "--dtypes", *args.dtypes,
+               "--heads", str(args.heads), "--head-dim", str(args.head_dim),
+               "--iters", str(args.iters), "--threads", str(args.threads),
+               "--budget-s", str(args.budget_s / len(args.worlds))]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+                   MALLOC_MMAP_THRESHOLD_="131072")  # freed buffers leave the RSS
+        print("+", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True, env=env)
+    rows = [json.loads(line) for line in open(raw)]
+    info = machine_info()
+    machine = (f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, Python "
+               f"{info['python']}; {info['date']}; load average at the start {load_start}, "
+               f"at the end {info['load']}; sweep wall time {time.perf_counter() - t0:.0f} s.")
+    text = torch_cp.report(rows, machine, "python benchmarks/bench_ring.py "
+                           + " ".join(sys.argv[1:]))
+    with open(os.path.join(RESULTS, "ring_vs_torch_cp.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(RESULTS, "ring_vs_torch_cp.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    os.remove(raw)
+    print(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep", action="store_true", help="launch torchrun for each P in --worlds")
@@ -424,8 +482,26 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=1,
                    help="passes per configuration; the fastest is reported (sweep: 2)")
     p.add_argument("--out", default="", help="append one JSON line per configuration")
+    p.add_argument("--vs-torch-cp", action="store_true",
+                   help="ring_attn vs torch's context-parallel ring, for each P in --worlds "
+                        "(default 2 4), causal and not, each of --dtypes")
+    p.add_argument("--torch-cp-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                   choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="--vs-torch-cp: torch threads per rank, both sides")
+    p.add_argument("--budget-s", type=float, default=900,
+                   help="--vs-torch-cp: configurations left when it is spent are reported "
+                        "as not run")
     args = p.parse_args()
-    if args.sweep:
+    if args.torch_cp_worker:
+        import torch_cp
+        torch_cp.worker(args, rss_mib, reset_peak_rss)
+    elif args.vs_torch_cp:
+        if args.worlds == [1, 2, 4]:
+            args.worlds = [2, 4]
+        vs_torch_cp(args)
+    elif args.sweep:
         sweep(args)
     else:
         worker(args)

@@ -214,7 +214,10 @@ class GradTransit:
                  dtype: torch.dtype) -> None:
         self.comm, self.shapes = comm, (k.shape, v.shape)
         self.per_row = (k.numel() + v.numel()) // max(k.size(2), 1)
-        self.home = torch.zeros(k.numel() + v.numel(), dtype=dtype, device=k.device)
+        # The own shard's (dk, dv) sums: own() or a hop-0 take() sets them (ring.py
+        # computes the own block last, so they are not live during the ring steps).
+        self.home: Optional[tuple[Tensor, Tensor]] = None
+        self._dtype, self._device = dtype, k.device
         self._cur: Optional[Tensor] = None
         self._next: Optional[Tensor] = None
         self._last = Pending([])                 # the previous step's dK/dV exchange
@@ -229,7 +232,11 @@ class GradTransit:
         """(dk, dv, first row) where the step's partials add up: the own sums at hop 0,
         else the held shard's accumulator (arrived from the previous rank, or new)."""
         if step.hop == 0:
-            return (*self._views(self.home, self.shapes[0][2]), 0)
+            if self.home is None:
+                self.home = tuple(self._views(torch.zeros(
+                    self.per_row * self.shapes[0][2], dtype=self._dtype,
+                    device=self._device), self.shapes[0][2]))
+            return (*self.home, 0)
         if step.acc is None:  # nothing of the shard arrived: nothing to add
             self._cur = None
             return None, None, 0
@@ -237,8 +244,14 @@ class GradTransit:
             self._last.wait()
             self._cur = self._next
         else:
-            self._cur = self.home.new_zeros(self.per_row * step.acc.count)
+            self._cur = torch.zeros(self.per_row * step.acc.count, dtype=self._dtype,
+                                    device=self._device)
         return (*self._views(self._cur, step.acc.count), step.acc.start)
+
+    def own(self, dk: Tensor, dv: Tensor) -> None:
+        """The own block's whole-shard dk, dv partials (accumulation dtype) are the own
+        sums: finish() adds what comes home to them."""
+        self.home = (dk, dv)
 
     def pass_on(self, step, nxt) -> None:
         """After the step: its accumulator goes on to the next rank (or waits here to go
@@ -249,7 +262,8 @@ class GradTransit:
         sends = [(step.acc_out.peer, self._cur)] if step.acc_out is not None else []
         recvs = []
         if nxt is not None and nxt.acc_in is not None:
-            self._next = self.home.new_empty(self.per_row * nxt.acc.count)
+            self._next = torch.empty(self.per_row * nxt.acc.count, dtype=self._dtype,
+                                     device=self._device)
             recvs = [(nxt.acc_in.peer, self._next)]
         self._last = self.comm.exchange(sends, recvs, DKV_TAG) if sends or recvs else \
             Pending([])
@@ -258,16 +272,20 @@ class GradTransit:
             sends = [(m.peer, self._ended.pop(m.rows.source)) for m in step.home_send]
             recvs = []
             if step.home_recv is not None:
-                buf = self.home.new_empty(self.per_row * step.home_recv.rows.count)
+                buf = torch.empty(self.per_row * step.home_recv.rows.count,
+                                  dtype=self._dtype, device=self._device)
                 recvs = [(step.home_recv.peer, buf)]
                 self._arriving.append((buf, step.home_recv.rows))
             self._homing.append(self.comm.exchange(sends, recvs, HOME_TAG))
             self._homing[-1].keep = sends
 
     def finish(self) -> tuple[Tensor, Tensor]:
-        """Wait for everything in flight; the own shard's dk, dv sums."""
+        """Wait for everything in flight; the own shard's dk, dv sums (what came home
+        added to the own block's, or to zeros when neither own() nor take() set them)."""
         self._last.wait()
-        dk, dv = self._views(self.home, self.shapes[0][2])
+        dk, dv = self.home if self.home is not None else self._views(torch.zeros(
+            self.per_row * self.shapes[0][2], dtype=self._dtype, device=self._device),
+            self.shapes[0][2])
         for pending in self._homing:
             pending.wait()
         for buf, rows in self._arriving:

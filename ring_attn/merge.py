@@ -73,7 +73,9 @@ def merge_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
     # total == 0 only where both lse are -inf: keep out = 0 there.
     inv = torch.where(total > 0, total.reciprocal(), torch.zeros_like(total))
     acc_out.mul_((w_acc * inv).unsqueeze(-1).to(acc_out.dtype))
-    acc_out.add_(out.to(acc_out.dtype) * (w_new * inv).unsqueeze(-1).to(acc_out.dtype))
+    # addcmul_, not add_(out * w): no out-sized temporary (a float32 [B, H, S_local, Dv]
+    # per ring step, 2 of the 10 q-shard-sized buffers at the forward's peak in bfloat16).
+    acc_out.addcmul_(out.to(acc_out.dtype), (w_new * inv).unsqueeze(-1).to(acc_out.dtype))
     acc_lse.copy_(m + torch.log(total))
 
 

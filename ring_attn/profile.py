@@ -52,10 +52,17 @@ class Recorder:
         self.wall_origin = time.time()   # wall clock at origin (aligns the env mode)
         self.spans: list[tuple[str, int, str, float, float, int]] = []
         self._calls: dict[str, int] = {}
+        self._begun: set[str] = set()   # phases whose calls are marked by begin()
+
+    def begin(self, phase: str) -> None:
+        """A new ring call of phase starts (ring.py marks each; without it, a call starts
+        at its step 0's compute span -- the backward computes its step 0 last)."""
+        self._begun.add(phase)
+        self._calls[phase] = self._calls.get(phase, -1) + 1
 
     @contextlib.contextmanager
     def span(self, phase: str, step: int, kind: str) -> Iterator[None]:
-        if step == 0 and kind == "compute":   # a new ring call starts at its step 0
+        if step == 0 and kind == "compute" and phase not in self._begun:
             self._calls[phase] = self._calls.get(phase, -1) + 1
         call = self._calls.get(phase, 0)
         t0 = time.perf_counter()
@@ -88,6 +95,12 @@ def recorder() -> Optional[Recorder]:
         if os.environ.get(ENV) and _active is None:
             _start_from_env(os.environ[ENV])
     return _active
+
+
+def begin(rec: Optional[Recorder], phase: str) -> None:
+    """Mark the start of a ring call of phase (no-op when rec is None)."""
+    if rec is not None:
+        rec.begin(phase)
 
 
 def span(rec: Optional[Recorder], phase: str, step: int, kind: str):

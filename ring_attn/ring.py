@@ -21,7 +21,8 @@ Backward (one autograd.Function; the global out and lse saved by forward make ev
 block's probabilities final, so blocks are independent):
 
     dq = 0 (accumulation dtype, stays home); K/V travel as in forward, prefetched. The own
-    block's dK/dV stay home; each other shard's accumulator starts at its first hop,
+    block is computed last, after the ring steps, while the dK/dV hops home are in flight;
+    its dK/dV stay home; each other shard's accumulator starts at its first hop,
     travels one step behind its K/V (received from the previous rank while this step
     computes its partial, the partial added, sent on), and when its K/V stop travelling
     the last rank sends it home to the owner at the end of the stream (for the classic
@@ -44,7 +45,7 @@ from .block import RingSpec, backward_block, forward_block
 from .comm import GradTransit, HeldKV, RingComm, group_info
 from .errors import SATURATED, RingAttnError, refuse_double_backward
 from .merge import acc_dtype, saturated_rows
-from .profile import recorder, span
+from .profile import begin, recorder, span
 from .validate import agree_on_backward, agree_on_inputs, rows_nonfinite
 
 Tensor = torch.Tensor
@@ -57,6 +58,7 @@ def ring_forward(spec: RingSpec, comm: Optional[RingComm], q: Tensor, k: Tensor,
     held = HeldKV(comm, k, v)
     acc = None
     rec = recorder()  # None unless profiling (profile.py)
+    begin(rec, "fwd")
     for i, st in enumerate(spec.schedule.steps):
         pending = held.post(st)  # the next step's K/V, while this step computes
         with span(rec, "fwd", i, "compute"):
@@ -91,20 +93,37 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
     grads = GradTransit(comm, k, v, dq.dtype)
     steps = spec.schedule.steps
     rec = recorder()
+    begin(rec, "bwd")
+    # The own block (step 0) is computed LAST: its K/V are this rank's inputs, its
+    # partials final (the blocks of the backward are independent), so computing it
+    # after the ring (a) overlaps the dK/dV hops home with compute, and (b) means the
+    # own dK/dV sums (float32, a K/V pair) exist only at the end, not through every step:
+    # 4 of the 25 q-shard-sized buffers at the bfloat16 backward's peak (P = 4;
+    # benchmarks/results/ring_memory_accounting.md). The
+    # price is the first K/V hop, waited for before any compute (2 q-shards of input
+    # dtype, against the 2 float32 ones of the last dK/dV hop it replaces).
     for i, st in enumerate(steps):
         pending = held.post(st)
-        with span(rec, "bwd", i, "compute"):
-            partial = backward_block(spec, st.blk, dout, q, *held.kv, out, lse, mask,
-                                     st.held.start)
-        with span(rec, "bwd", i, "wait"):
-            dk_acc, dv_acc, first_row = grads.take(st)  # arrived while we computed
-        if partial is not None:
-            partial.add_to(dq, dk_acc, dv_acc, first_row)
-            partial = None  # its float32 partials need not outlive the next kernel call
+        if st.hop > 0:
+            with span(rec, "bwd", i, "compute"):
+                partial = backward_block(spec, st.blk, dout, q, *held.kv, out, lse, mask,
+                                         st.held.start)
+            with span(rec, "bwd", i, "wait"):
+                dk_acc, dv_acc, first_row = grads.take(st)  # arrived while we computed
+            if partial is not None:
+                partial.add_to(dq, dk_acc, dv_acc, first_row)
+                partial = None  # its float32 partials need not outlive the next kernel call
         if comm is not None:
             grads.pass_on(st, steps[i + 1] if i + 1 < len(steps) else None)
         with span(rec, "bwd", i, "wait"):
             held.advance(pending)
+    with span(rec, "bwd", 0, "compute"):  # the own block: step 0's, computed last
+        own = backward_block(spec, steps[0].blk, dout, q, k, v, out, lse, mask)
+    # The own block is the whole shard, never skipped (schedule._block): its float32
+    # dK/dV partials become the own sums as they are (no zeroed copy to add them to).
+    dq.add_(own.dq)
+    grads.own(own.dk, own.dv)
+    own = None
     with span(rec, "bwd", len(steps), "wait"):
         dk, dv = grads.finish()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

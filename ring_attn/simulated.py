@@ -88,10 +88,12 @@ class _SimulatedRing(torch.autograd.Function):
         dq = [torch.zeros(x.shape, dtype=dt, device=x.device) for x in qs]
         dk = [torch.zeros(x.shape, dtype=dt, device=x.device) for x in ks]
         dv = [torch.zeros(x.shape, dtype=dt, device=x.device) for x in vs]
-        # The real ring's order of sums (ring.py, comm.GradTransit): the owner's own
-        # partial; each stream's travelling accumulator (zeros + partials in hop order),
+        # The real ring's order of sums (ring.py, comm.GradTransit): dq over the hops in
+        # order, then the own block (computed last); dK/dV: the owner's own partial,
+        # then each stream's travelling accumulator (zeros + partials in hop order),
         # added to the owner's rows when it comes home, forward stream first.
         trips: dict = {}
+        own: dict = {}
         hops = specs[0].schedule.hops
         for t in range(len(specs[0].schedule.steps)):
             for r in range(p):
@@ -102,13 +104,15 @@ class _SimulatedRing(torch.autograd.Function):
                 if grads is None:
                     continue
                 if st.hop == 0:
-                    grads.add_to(dq[r], dk[s], dv[s])
+                    own[r] = grads
                     continue
                 key = (t > hops[0], s)
                 if key not in trips:
                     trips[key] = (st.acc, torch.zeros_like(dk[s].narrow(2, 0, st.acc.count)),
                                   torch.zeros_like(dv[s].narrow(2, 0, st.acc.count)))
                 grads.add_to(dq[r], trips[key][1], trips[key][2], st.acc.start)
+        for r, grads in own.items():
+            grads.add_to(dq[r], dk[r], dv[r])
         for (_, s), (rows, tk, tv) in sorted(trips.items(), key=lambda item: item[0]):
             dk[s].narrow(2, rows.start, rows.count).add_(tk)
             dv[s].narrow(2, rows.start, rows.count).add_(tv)
