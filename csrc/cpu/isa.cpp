@@ -39,9 +39,10 @@ Isa decide() {
   for (int i = 0; i <= static_cast<int>(Isa::kAvx512Bf16); ++i) {
     const Isa isa = static_cast<Isa>(i);
     if (want != isa_name(isa)) continue;
-    TORCH_CHECK_VALUE(isa <= top, kVar, "=", raw, " is not supported on this machine (CPU and ",
-                      "torch's capability ", at::get_cpu_capability(), " allow: ",
-                      joined(supported_isas()), ")");
+    TORCH_CHECK_VALUE(isa <= top, kVar, "=", raw, " is not supported on this machine, which ",
+                      "supports: ", joined(supported_isas()), " (from cpuid and torch's CPU ",
+                      "capability ", at::get_cpu_capability(), ", which ATEN_CPU_CAPABILITY ",
+                      "can lower)");
     return isa;
   }
   TORCH_CHECK_VALUE(false, kVar, "=", raw, " is not a CPU kernel path; expected one of auto, ",
