@@ -17,16 +17,27 @@ so short sequences still fill the GPU). scripts/gpu_check.sh runs:
 FLOPs follow the FlashAttention convention: forward 4*B*H*Sq*Sk*D, halved when causal;
 backward 2.5x forward, so forward+backward is 3.5x.
 
+CPU instruction-set paths: every table is headed by the path our kernels take (avx2,
+avx512, avx512_bf16; cpu/cpu_isa.h) and torch's CPU capability. --isa reruns the benchmark
+once per named path, in a subprocess with RING_ATTN_CPU_ISA set (the path is decided once
+per process); "torch-avx2" also sets ATEN_CPU_CAPABILITY=avx2, so torch's kernels and ours
+both run AVX2 code, as on an AVX2-only CPU; "all" is every path the machine supports plus
+torch-avx2 on AVX-512 machines.
+
 Examples:
   python benchmarks/bench_local.py --quick
   python benchmarks/bench_local.py --seq 4096 --mode fwdbwd --markdown
+  python benchmarks/bench_local.py --seq 4096 --mode fwdbwd --threads 2 --isa all --markdown
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -63,6 +74,40 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def isa_line() -> str:
+    """Our CPU kernels' instruction-set path, what the machine supports, and torch's."""
+    isa, supported, amx = torch.ops.ring_attn._cpu_isa()
+    amx_note = "detected, not implemented (runs avx512_bf16)" if amx else "no"
+    return (f"ours {isa} (machine supports: {', '.join(supported)}; AMX: {amx_note}); "
+            f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def run_isa_paths(argv: list[str], names: list[str]) -> None:
+    """This benchmark once per ISA path, each in its own process (see the module doc)."""
+    supported = list(torch.ops.ring_attn._cpu_isa()[1])
+    if names == ["all"]:
+        names = supported + (["torch-avx2"] if "avx512" in supported else [])
+    rest, skip = [], False
+    for a in argv:  # drop --isa and its values
+        if a == "--isa":
+            skip = True
+        elif skip and a.startswith("--"):
+            skip = False
+        if not skip:
+            rest.append(a)
+    for name in names:
+        env = dict(os.environ)
+        if name == "torch-avx2":
+            env["ATEN_CPU_CAPABILITY"] = "avx2"
+            env.pop("RING_ATTN_CPU_ISA", None)
+        else:
+            env["RING_ATTN_CPU_ISA"] = name
+        print(f"\n## {name}" + (" (ATEN_CPU_CAPABILITY=avx2: torch and ours on AVX2)"
+                                if name == "torch-avx2" else f" (RING_ATTN_CPU_ISA={name})"),
+              flush=True)
+        subprocess.run([sys.executable, os.path.abspath(__file__), *rest], env=env, check=True)
 
 
 def attn_flops(b: int, h: int, s: int, d: int, causal: bool, mode: str) -> float:
@@ -282,6 +327,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per config (CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--markdown", action="store_true", help="print a README-ready table")
+    p.add_argument("--isa", nargs="+", default=None,
+                   help="CPU: rerun per path: avx2 avx512 avx512_bf16 torch-avx2, or all")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
     a.dtype = a.dtype or (["bfloat16", "float16"] if cuda else ["float32", "bfloat16"])
@@ -301,6 +348,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    if args.isa:
+        if args.device == "cuda":
+            raise SystemExit("bench_local: --isa is CPU only")
+        run_isa_paths(list(sys.argv[1:] if argv is None else argv), args.isa)
+        return
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("bench_local: --device cuda needs a CUDA GPU")
@@ -308,6 +360,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     else:
         device_name = f"{cpu_model()}, {torch.get_num_threads()} threads"
     print(f"# device: {device_name}")
+    if args.device == "cpu":
+        print(f"# isa: {isa_line()}")
     print(f"# torch {torch.__version__}, ring_attn {ring_attn.__version__}; "
           f"B={f'{args.tokens} // S' if args.tokens else args.batch}, H={args.heads}; FLOPs: fwd 4*B*H*S^2*D (/2 causal), "
           f"fwd+bwd 3.5x fwd")
