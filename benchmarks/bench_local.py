@@ -20,8 +20,8 @@ backward 2.5x forward, so forward+backward is 3.5x.
 CPU instruction-set paths: every table is headed by the path our kernels take (avx2,
 avx512, avx512_bf16; cpu/cpu_isa.h) and torch's CPU capability. --isa reruns the benchmark
 once per named path, in a subprocess with RING_ATTN_CPU_ISA set (the path is decided once
-per process); "torch-avx2" also sets ATEN_CPU_CAPABILITY=avx2, so torch's kernels and ours
-both run AVX2 code, as on an AVX2-only CPU; "all" is every path the machine supports plus
+per process); "torch-avx2" sets ATEN_CPU_CAPABILITY=avx2 (and caps oneDNN and MKL at AVX2),
+so torch's kernels and ours both run AVX2 code, as on an AVX2-only CPU; "all" is every path the machine supports plus
 torch-avx2 on AVX-512 machines.
 
 Examples:
@@ -100,11 +100,15 @@ def run_isa_paths(argv: list[str], names: list[str]) -> None:
     for name in names:
         env = dict(os.environ)
         if name == "torch-avx2":
-            env["ATEN_CPU_CAPABILITY"] = "avx2"
+            # ATen's kernels follow ATEN_CPU_CAPABILITY; oneDNN (torch's bf16 matmuls) and
+            # MKL pick their ISA themselves, so they are capped too.
+            env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+                       MKL_ENABLE_INSTRUCTIONS="AVX2")
             env.pop("RING_ATTN_CPU_ISA", None)
         else:
             env["RING_ATTN_CPU_ISA"] = name
-        print(f"\n## {name}" + (" (ATEN_CPU_CAPABILITY=avx2: torch and ours on AVX2)"
+        print(f"\n## {name}" + (" (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
+                                 "MKL_ENABLE_INSTRUCTIONS=AVX2: torch and ours on AVX2)"
                                 if name == "torch-avx2" else f" (RING_ATTN_CPU_ISA={name})"),
               flush=True)
         subprocess.run([sys.executable, os.path.abspath(__file__), *rest], env=env, check=True)
