@@ -1,12 +1,19 @@
-// AVX2/FMA micro-kernel of gemm_bcast (float), the path on CPUs without AVX-512 (and
-// under ATEN_CPU_CAPABILITY=avx2). Same scheme as gemm_avx512.cpp with 8-wide vectors and
+// AVX2/FMA micro-kernel of gemm_bcast (float), the avx2 path of cpu_isa() (cpu_isa.h):
+// CPUs without AVX-512, ATEN_CPU_CAPABILITY=avx2 or RING_ATTN_CPU_ISA=avx2. Same scheme as gemm_avx512.cpp with 8-wide vectors and
 // 16 registers: tiles of 6 rows x 16 columns (12 accumulators + 2 B vectors + 1
-// broadcast), the standard AVX2 sgemm blocking; column tails use vmaskmovps.
+// broadcast), the standard AVX2 sgemm blocking; only column tails use vmaskmovps.
 //
 // Why not the BLAS here too: on the 2-core EPYC with ATEN_CPU_CAPABILITY=avx2, forward+
 // backward at S=4096, D=64 ran at 71 GFLOP/s through MKL's sgemm (small products pay its
 // per-call overhead) against 76 for torch's own kernel; see the benchmark notes in
 // attention_fwd.cpp for how these were measured.
+//
+// Why not oneDNN's brgemm (at::native::cpublas::brgemm, exported by libtorch_cpu; torch's
+// own flash kernel uses it for reduced precision): capped at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2)
+// it ran the attention shapes at 75-114 GFLOP/s against 81-111 for this kernel and 90-98
+// for MKL's sgemm (one thread, thread CPU time, M x N x K in {64x512x64, 64x64x512,
+// 64x128x64, 128x64x64, 64x64x128, 64x512x128, 64x128x512}, on the shared 2-core EPYC):
+// no faster, and an ATen-internal API.
 #include <immintrin.h>
 
 #include <cstdint>
