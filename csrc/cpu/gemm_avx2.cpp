@@ -1,7 +1,8 @@
 // AVX2/FMA micro-kernel of gemm_bcast (float), the avx2 path of cpu_isa() (cpu_isa.h):
-// CPUs without AVX-512, ATEN_CPU_CAPABILITY=avx2 or RING_ATTN_CPU_ISA=avx2. Same scheme as gemm_avx512.cpp with 8-wide vectors and
-// 16 registers: tiles of 6 rows x 16 columns (12 accumulators + 2 B vectors + 1
-// broadcast), the standard AVX2 sgemm blocking; only column tails use vmaskmovps.
+// CPUs without AVX-512, ATEN_CPU_CAPABILITY=avx2 or RING_ATTN_CPU_ISA=avx2. Same scheme
+// as gemm_avx512.cpp with 8-wide vectors and 16 registers: tiles of 6 rows x 16 columns
+// (12 accumulators + 2 B vectors + 1 broadcast), the standard AVX2 sgemm blocking; only
+// column tails use vmaskmovps.
 //
 // Why not the BLAS here too: on the 2-core EPYC with ATEN_CPU_CAPABILITY=avx2, forward+
 // backward at S=4096, D=64 ran at 71 GFLOP/s through MKL's sgemm (small products pay its
