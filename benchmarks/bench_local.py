@@ -17,16 +17,27 @@ so short sequences still fill the GPU). scripts/gpu_check.sh runs:
 FLOPs follow the FlashAttention convention: forward 4*B*H*Sq*Sk*D, halved when causal;
 backward 2.5x forward, so forward+backward is 3.5x.
 
+CPU instruction-set paths: every table is headed by the path our kernels take (avx2,
+avx512, avx512_bf16; cpu/cpu_isa.h) and torch's CPU capability. --isa reruns the benchmark
+once per named path, in a subprocess with RING_ATTN_CPU_ISA set (the path is decided once
+per process); "torch-avx2" sets ATEN_CPU_CAPABILITY=avx2 (and caps oneDNN and MKL at AVX2),
+so torch's kernels and ours both run AVX2 code, as on an AVX2-only CPU; "all" is every path the machine supports plus
+torch-avx2 on AVX-512 machines.
+
 Examples:
   python benchmarks/bench_local.py --quick
   python benchmarks/bench_local.py --seq 4096 --mode fwdbwd --markdown
+  python benchmarks/bench_local.py --seq 4096 --mode fwdbwd --threads 2 --isa all --markdown
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -65,6 +76,44 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def isa_line() -> str:
+    """Our CPU kernels' instruction-set path, what the machine supports, and torch's."""
+    isa, supported, amx = torch.ops.ring_attn._cpu_isa()
+    amx_note = "detected, not implemented (runs avx512_bf16)" if amx else "no"
+    return (f"ours {isa} (machine supports: {', '.join(supported)}; AMX: {amx_note}); "
+            f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def run_isa_paths(argv: list[str], names: list[str]) -> None:
+    """This benchmark once per ISA path, each in its own process (see the module doc)."""
+    supported = list(torch.ops.ring_attn._cpu_isa()[1])
+    if names == ["all"]:
+        names = supported + (["torch-avx2"] if "avx512" in supported else [])
+    rest, skip = [], False
+    for a in argv:  # drop --isa and its values
+        if a == "--isa":
+            skip = True
+        elif skip and a.startswith("--"):
+            skip = False
+        if not skip:
+            rest.append(a)
+    for name in names:
+        env = dict(os.environ)
+        if name == "torch-avx2":
+            # ATen's kernels follow ATEN_CPU_CAPABILITY; oneDNN (torch's bf16 matmuls) and
+            # MKL pick their ISA themselves, so they are capped too.
+            env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+                       MKL_ENABLE_INSTRUCTIONS="AVX2")
+            env.pop("RING_ATTN_CPU_ISA", None)
+        else:
+            env["RING_ATTN_CPU_ISA"] = name
+        print(f"\n## {name}" + (" (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
+                                 "MKL_ENABLE_INSTRUCTIONS=AVX2: torch and ours on AVX2)"
+                                if name == "torch-avx2" else f" (RING_ATTN_CPU_ISA={name})"),
+              flush=True)
+        subprocess.run([sys.executable, os.path.abspath(__file__), *rest], env=env, check=True)
+
+
 def attn_flops(b: int, h: int, s: int, d: int, causal: bool, mode: str) -> float:
     fwd = 4.0 * b * h * s * s * d / (2.0 if causal else 1.0)
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwdbwd": 3.5 * fwd}[mode]
@@ -75,9 +124,17 @@ def time_cpu(fn: Callable[[], None], min_time: float, max_iters: int) -> float:
     return time_cpu_pair([fn], min_time, max_iters)[0]
 
 
+# --clock cpu: process CPU time instead of wall time. On a machine shared with other
+# jobs (the 2-core development VM ran at load 8-12 while issue 17 was measured, and wall
+# times were 5-10x the quiet ones) the CPU time a call consumes is still its own; with
+# --threads 1 it has no OpenMP spin-waiting in it either.
+CLOCK = time.perf_counter
+
+
 def time_cpu_pair(fns: list[Callable[[], None]], min_time: float,
                   max_iters: int) -> list[float]:
-    """Best wall time in ms of each function, calls interleaved (a, b, a, b, ...).
+    """Best time in ms (wall, or CPU with --clock cpu) of each function, calls interleaved
+    (a, b, a, b, ...).
 
     The best (not the median) of interleaved calls: on a shared machine other processes
     only ever add time, so the minimum is the closest estimate of the uncontended cost,
@@ -89,9 +146,9 @@ def time_cpu_pair(fns: list[Callable[[], None]], min_time: float,
     while len(times[0]) < max_iters and (len(times[0]) < 2
                                          or time.perf_counter() - start < min_time):
         for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
+            ts.append((CLOCK() - t0) * 1e3)
     return [min(ts) for ts in times]
 
 
@@ -282,6 +339,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per config (CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--markdown", action="store_true", help="print a README-ready table")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="CPU: time calls by wall clock or by process CPU time")
+    p.add_argument("--isa", nargs="+", default=None,
+                   help="CPU: rerun per path: avx2 avx512 avx512_bf16 torch-avx2, or all")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
     a.dtype = a.dtype or (["bfloat16", "float16"] if cuda else ["float32", "bfloat16"])
@@ -296,18 +357,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a.causal = [c == "yes" for c in a.causal]
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.clock == "cpu":
+        global CLOCK
+        CLOCK = time.process_time
     return a
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    if args.isa:
+        if args.device == "cuda":
+            raise SystemExit("bench_local: --isa is CPU only")
+        run_isa_paths(list(sys.argv[1:] if argv is None else argv), args.isa)
+        return
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("bench_local: --device cuda needs a CUDA GPU")
         device_name = torch.cuda.get_device_name()
     else:
-        device_name = f"{cpu_model()}, {torch.get_num_threads()} threads"
+        device_name = f"{cpu_model()}, {torch.get_num_threads()} threads, {args.clock} clock"
     print(f"# device: {device_name}")
+    if args.device == "cpu":
+        print(f"# isa: {isa_line()}")
     print(f"# torch {torch.__version__}, ring_attn {ring_attn.__version__}; "
           f"B={f'{args.tokens} // S' if args.tokens else args.batch}, H={args.heads}; FLOPs: fwd 4*B*H*S^2*D (/2 causal), "
           f"fwd+bwd 3.5x fwd")

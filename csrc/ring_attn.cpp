@@ -4,8 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
+#include "cpu/cpu_isa.h"
 #include "cuda/tile_config.h"
 
 // An empty module: importing ring_attn._C loads this library, whose static initialisers
@@ -16,6 +18,14 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 namespace {
+
+// ring_attn::_cpu_isa: the instruction-set path the CPU kernels take in this process
+// (cpu/cpu_isa.h), its supported alternatives (what RING_ATTN_CPU_ISA may name, lowest
+// first), and whether the CPU has AMX-BF16 (detected only; such CPUs run avx512_bf16).
+std::tuple<std::string, std::vector<std::string>, bool> cpu_isa_info() {
+  return {ring_attn::cpu::isa_name(ring_attn::cpu::cpu_isa()),
+          ring_attn::cpu::supported_isas(), ring_attn::cpu::cpu_has_amx()};
+}
 
 // ring_attn::_cuda_tile_config: the tile the CUDA tensor-core kernels would launch for
 // (head_dim, dtype, direction) on a GPU allowing smem_limit bytes of shared memory per
@@ -86,7 +96,8 @@ TORCH_LIBRARY(ring_attn, m) {
       "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int window_left=-1, "
       "int window_right=-1, float softcap=0.0, int dropout_head_offset=0) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
-  // Introspection for tests (no tensors): see cuda_tile_config above.
+  // Introspection for tests and benchmarks (no tensors): see the functions above.
+  m.def("_cpu_isa() -> (str isa, str[] supported, bool amx)", &cpu_isa_info);
   m.def("_cuda_tile_config(int head_dim, ScalarType dtype, bool backward, int smem_limit) "
         "-> int[]",
         &cuda_tile_config);

@@ -6,7 +6,9 @@ Shapes cross the kernels' block edges (forward key block 512, backward key block
 query block 64) and cover what the public-API suite cannot reach: position maps (zigzag),
 offsets, GQA with and without the key-chunked backward, broadcast (stride-0) masks and
 inputs, fully masked rows, out_fp32 / grad_fp32, the dlse path, reduced precision against
-torch's own error, and the AVX2 path taken on CPUs without AVX-512.
+torch's own error, and every instruction-set path (cpu/cpu_isa.h): the float32 / bfloat16
+checks named in ISA_CHECKS rerun in a subprocess per path this machine supports, with
+RING_ATTN_CPU_ISA set (the path is decided once per process).
 """
 from __future__ import annotations
 
@@ -277,10 +279,96 @@ def test_bf16_odd_shapes_strided_vs_torch():
         assert_close_to_ref(ours, theirs, ref, factor=3.0, what=name)
 
 
-_FALLBACK_SCRIPT = r"""
-import math, torch
+def test_gqa_masks_vs_torch_error():
+    # float32 and bfloat16, GQA (4 query heads per KV head), causal with a key offset, a
+    # broadcast bool mask, odd head dim, keys across the forward's 512 and the backward's
+    # 128-key blocks: forward and backward against float64, within 3x torch's error.
+    g = torch.Generator().manual_seed(9)
+    B, Hq, Hk, Sq, Sk, D = 1, 4, 1, 70, 530, 40
+    keep = torch.rand((B, 1, Sq, Sk), generator=g) < 0.85
+    qp, kp = positions(Sq, Sk - Sq), positions(Sk)
+    scale = 1.0 / math.sqrt(D)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = randn((B, Hq, Sq, D), dtype, g)
+        k, v = (randn((B, Hk, Sk, D), dtype, g) for _ in range(2))
+        dout = randn((B, Hq, Sq, D), dtype, g)
+        out, _, grads = run_op(q, k, v, dout, mask=keep, causal=True, q_offset=Sk - Sq,
+                               scale=scale)
+        r_out, _, r_grads = reference_grads(q, k, v, dout, keep, qp, kp, True, scale)
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        t_out = F.scaled_dot_product_attention(
+            *leaves, attn_mask=keep & (kp[None, :] <= qp[:, None]), scale=scale,
+            enable_gqa=True)
+        t_grads = torch.autograd.grad(t_out, leaves, dout)
+        assert_close_to_ref(out, t_out, r_out, factor=3.0, what=f"out {dtype}")
+        for name, ours, theirs, ref in zip(("dq", "dk", "dv"), grads, t_grads, r_grads):
+            assert_close_to_ref(ours, theirs, ref, factor=3.0, what=f"{name} {dtype}")
+
+
+def cpu_isa() -> tuple[str, list[str], bool]:
+    """(the path in use, the paths this machine supports lowest first, AMX detected)."""
+    isa, supported, amx = torch.ops.ring_attn._cpu_isa()
+    return isa, list(supported), amx
+
+
+def test_isa_is_the_requested_or_highest():
+    # The subprocesses of test_isa_path rerun this: the variable really selects the path.
+    isa, supported, _ = cpu_isa()
+    assert supported[0] == "avx2" and isa in supported
+    assert isa == os.environ.get("RING_ATTN_CPU_ISA", supported[-1]).lower(), (isa, supported)
+
+
+# The float32 / bfloat16 kernel checks rerun under every path: the path decides the
+# micro-kernels (gemm_avx2 / gemm_avx512 / vdpbf16ps) and the row operations; float64
+# always takes the BLAS, so its checks run once.
+ISA_CHECKS = ("test_isa_is_the_requested_or_highest", "test_gqa_masks_vs_torch_error",
+              "test_bf16_odd_shapes_strided_vs_torch", "test_strided_and_broadcast_inputs",
+              "test_out_fp32_grad_fp32")
+
+
+def _subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, **extra)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512_bf16"])
+def test_isa_path(isa):
+    isa_now, supported, _ = cpu_isa()
+    if isa not in supported:
+        pytest.skip(f"this machine supports {supported}")
+    if isa == isa_now:
+        pytest.skip(f"{isa} is this process's path: the checks ran in process")
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x",
+         "-p", "no:cacheprovider", "-k", " or ".join(ISA_CHECKS)],
+        env=_subprocess_env(RING_ATTN_CPU_ISA=isa), capture_output=True, text=True,
+        timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert f"{len(ISA_CHECKS)} passed" in res.stdout, res.stdout[-500:]
+
+
+_TORCH_AVX2_SCRIPT = r"""
+import math, os, torch
 from ring_attn import ops
 assert torch.backends.cpu.get_cpu_capability() != "AVX512"
+# An unknown value, then one above torch's capability: ValueError naming the variable,
+# the value and what this machine supports; nothing is decided until a valid value.
+for value, words in (("amx", ("not a CPU kernel path", "avx512_bf16", "AMX has no kernel")),
+                     ("AVX512", ("not supported on this machine",))):
+    os.environ["RING_ATTN_CPU_ISA"] = value
+    try:
+        torch.ops.ring_attn._cpu_isa()
+        raise AssertionError(f"RING_ATTN_CPU_ISA={value} was accepted")
+    except ValueError as e:
+        msg = str(e)
+        assert f"RING_ATTN_CPU_ISA={value}" in msg and "supports: avx2" in msg, msg
+        assert "supports: avx2," not in msg, msg
+        assert all(w in msg for w in words), msg
+del os.environ["RING_ATTN_CPU_ISA"]
+# torch's capability caps the path: AVX2 here even on an AVX-512 CPU.
+assert torch.ops.ring_attn._cpu_isa()[:2] == ("avx2", ["avx2"])
 F = torch.nn.functional
 for dtype in (torch.float32, torch.bfloat16):
     g = torch.Generator().manual_seed(5)
@@ -301,13 +389,12 @@ print("ok")
 """
 
 
-def test_avx2_path_without_avx512():
-    # ATEN_CPU_CAPABILITY=avx2 makes torch (and so our dispatch) take the AVX2 path: the
-    # AVX2 micro-kernel, AVX2 row operations, and bfloat16 through float32 tiles.
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=120)
+def test_torch_avx2_caps_the_path_and_bad_values_raise():
+    # ATEN_CPU_CAPABILITY=avx2 (torch's own AVX2 path, as on an AVX2-only CPU): our path
+    # follows it down, RING_ATTN_CPU_ISA cannot raise it, and the kernels run correctly.
+    env = _subprocess_env(ATEN_CPU_CAPABILITY="avx2")
+    env.pop("RING_ATTN_CPU_ISA", None)
+    res = subprocess.run([sys.executable, "-c", _TORCH_AVX2_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.startswith("ok")

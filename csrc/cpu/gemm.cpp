@@ -1,8 +1,8 @@
-// Dispatch of gemm_bcast (see gemm.h): for float the AVX-512 micro-kernel when available,
-// else the AVX2 one; for double the BLAS of libtorch_cpu.
+// Dispatch of gemm_bcast (see gemm.h): for float the AVX-512 micro-kernel on the avx512
+// paths (cpu_isa(), isa.h), else the AVX2 one; for double the BLAS of libtorch_cpu.
 #include "cpu/gemm.h"
 
-#include <ATen/Version.h>
+#include "cpu/cpu_isa.h"
 
 #include <algorithm>
 
@@ -10,17 +10,9 @@
 
 namespace ring_attn::cpu {
 
-bool use_avx512() {
-  // torch's own runtime choice: AVX-512 only when cpuinfo reports avx512f/bw/vl/dq with OS
-  // support, and ATEN_CPU_CAPABILITY can lower it.
-  static const bool ok = at::get_cpu_capability() == "AVX512";
-  return ok;
-}
+bool use_avx512() { return cpu_isa() >= Isa::kAvx512; }
 
-bool use_avx512_bf16() {
-  static const bool ok = use_avx512() && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
+bool use_avx512_bf16() { return cpu_isa() >= Isa::kAvx512Bf16; }
 
 namespace {
 

@@ -15,17 +15,17 @@
 // P V, dO V^T with V^T packed, P^T dO, dS^T Q, dS K) is this one shape with B's columns
 // contiguous. beta is 0 (overwrite) or 1 (accumulate).
 //
-// float: an AVX-512 register-blocked micro-kernel (gemm_avx512.cpp) when the CPU has
-// AVX-512 and torch uses it (at::get_cpu_capability() == "AVX512", so
-// ATEN_CPU_CAPABILITY=avx2 selects the other path); otherwise its AVX2/FMA twin
-// (gemm_avx2.cpp, the build's baseline ISA). double takes the BLAS that libtorch_cpu
+// float: an AVX-512 register-blocked micro-kernel (gemm_avx512.cpp) on the avx512 and
+// avx512_bf16 paths of cpu_isa() (isa.h: the CPU, torch's capability and
+// RING_ATTN_CPU_ISA decide); otherwise its AVX2/FMA twin (gemm_avx2.cpp, the build's
+// baseline ISA). double takes the BLAS that libtorch_cpu
 // carries (blas.h): float64 is for checking, not speed.
 #pragma once
 #include <cstdint>
 
 namespace ring_attn::cpu {
 
-// True when the AVX-512 kernels may run (decided once).
+// cpu_isa() >= avx512: the AVX-512 kernels run (decided once, isa.h).
 bool use_avx512();
 
 void gemm_bcast(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t a_rs,
@@ -46,7 +46,8 @@ void gemm_bcast_avx512(int64_t M, int64_t N, int64_t K, float alpha, const float
                        int64_t a_rs, int64_t a_ps, const float* b, int64_t ldb, float beta,
                        float* c, int64_t ldc, bool split_k);
 
-// bfloat16 products (gemm_bf16_avx512.cpp; call only when use_avx512_bf16()): the same
+// bfloat16 products (gemm_bf16_avx512.cpp; call only when use_avx512_bf16(), i.e.
+// cpu_isa() == avx512_bf16): the same
 // shape with bf16 pairs along the reduction, K2 = number of pairs, float32 C.
 bool use_avx512_bf16();
 void gemm_bcast_bf16_avx512(int64_t M, int64_t N, int64_t K2, float alpha, const uint32_t* a,

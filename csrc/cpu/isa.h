@@ -1,5 +1,6 @@
-// Which at::vec implementation the CPU kernels compile against. Included first by every
-// csrc/cpu source, before any ATen header.
+// Which at::vec implementation the CPU kernels compile against (the runtime choice of
+// path is cpu_isa(), cpu_isa.h). Included first by every csrc/cpu source, before any ATen
+// header.
 //
 // Outside ATen's own build no CPU_CAPABILITY macro is set, and at::vec::Vectorized falls
 // back to its portable scalar loops. The baseline objects are built with -mavx2 -mfma
@@ -20,3 +21,5 @@
 #define CPU_CAPABILITY_AVX2
 #endif
 #endif
+
+#include "cpu/cpu_isa.h"
