@@ -196,9 +196,11 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     // The engine runs a backward with grad mode on exactly under create_graph=True; the
     // backward op has no derivative, so going on would return graph-less gradients.
     TORCH_CHECK(!at::GradMode::is_enabled(), kDoubleBackward);
-    TORCH_CHECK(!ctx->needs_input_grad(3),
-                "ring_attn: gradients with respect to attn_mask are not supported");
     const variable_list s = ctx->get_saved_variables();
+    // The mask is the 4th differentiable input only when given (an empty optional is no
+    // input of the node).
+    TORCH_CHECK(!s[5].defined() || !ctx->needs_input_grad(3),
+                "ring_attn: gradients with respect to attn_mask are not supported");
     const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
     at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out);
     TORCH_CHECK(!saturated_rows(lse, dout).item<bool>(), kSaturated);  // one host sync

@@ -20,8 +20,10 @@ struct Result {
 template <typename F>
 Result fwd_bwd(F f, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& dout, at::ScalarType dtype) {
-  auto q1 = q.to(dtype).requires_grad_(true), k1 = k.to(dtype).requires_grad_(true);
-  auto v1 = v.to(dtype).requires_grad_(true);
+  // detach: fresh leaves each time (to(dtype) returns the tensor itself when it has dtype).
+  auto q1 = q.to(dtype).detach().requires_grad_(true);
+  auto k1 = k.to(dtype).detach().requires_grad_(true);
+  auto v1 = v.to(dtype).detach().requires_grad_(true);
   at::Tensor out = f(q1, k1, v1);
   out.backward(dout.to(dtype));
   return {out.detach(), q1.grad(), k1.grad(), v1.grad()};

@@ -35,13 +35,14 @@ TEST(OpsMerge, KeyBlocksMergeIntoFullAttention) {
     const at::Tensor k = torch::randn({B, H, S, D}, at::kDouble);
     const at::Tensor v = torch::randn({B, H, S, D}, at::kDouble);
     const at::Tensor qd = q.to(dt), kd = k.to(dt), vd = v.to(dt);
+    const bool wide = dt != at::kDouble;  // partials in float32; float64 stays (block.py)
     // Blocks in reverse order, like a ring step that sees the last keys first; block 2
     // alone leaves queries 0..31 with no visible key (lse = -inf), which the merge keeps.
     at::Tensor acc_out, acc_lse;
     for (int64_t b = blocks - 1; b >= 0; --b) {
       auto [out, lse] = ring_attn::attn_fwd(
           qd, kd.narrow(2, b * n, n), vd.narrow(2, b * n, n),
-          BlockOptions().is_causal(true).scale(scale).k_offset(b * n), /*out_fp32=*/true);
+          BlockOptions().is_causal(true).scale(scale).k_offset(b * n), wide);
       EXPECT_EQ(lse.scalar_type(), at::kDouble);
       if (!acc_out.defined()) {
         acc_out = out;
@@ -57,10 +58,15 @@ TEST(OpsMerge, KeyBlocksMergeIntoFullAttention) {
     expect_close_to_ref(acc_out, theirs, ref, 4.0, "merged out");
     // lse in float64 from dt inputs: against the lse of the same rounded inputs.
     EXPECT_LT(max_abs_err(acc_lse, reference_lse(qd, kd, scale, true)), 1e-5);
-    // The one-call result is the same as the merged one.
-    auto [full, full_lse] = ring_attn::attn_fwd(qd, kd, vd, BlockOptions().is_causal(true).scale(scale),
-                                                true);
-    EXPECT_LT(max_abs_err(acc_out, full), dt == at::kDouble ? 1e-12 : 1e-5);
+    EXPECT_EQ(acc_out.scalar_type(), wide ? at::kFloat : at::kDouble);
+    if (dt == at::kDouble) {
+      // float64: the merged blocks equal one call to rounding (bf16 and fp32 differ by
+      // their kernels' per-block rounding of P, covered by the bound above).
+      auto [full, full_lse] = ring_attn::attn_fwd(qd, kd, vd,
+                                                  BlockOptions().is_causal(true).scale(scale));
+      EXPECT_LT(max_abs_err(acc_out, full), 1e-12);
+      EXPECT_LT(max_abs_err(acc_lse, full_lse), 1e-12);
+    }
   }
 }
 
