@@ -24,10 +24,13 @@ std::optional<at::Tensor> mask_as(const std::optional<at::Tensor>& m, at::Scalar
   return m->to(t);
 }
 
-void check(const Case& c, const std::string& what) {
+// device: where ours, torch's same-dtype SDPA and the float64 reference (torch's SDPA in
+// float64) run; masks are built on the CPU, so the CUDA cases take none.
+void check(const Case& c, const std::string& what, c10::Device device = c10::kCPU) {
   torch::manual_seed(0);
-  const at::Tensor q = torch::randn(c.q, at::kDouble), k = torch::randn(c.k, at::kDouble);
-  const at::Tensor v = torch::randn(c.v, at::kDouble);
+  const auto on = at::TensorOptions().dtype(at::kDouble).device(device);
+  const at::Tensor q = torch::randn(c.q, on), k = torch::randn(c.k, on);
+  const at::Tensor v = torch::randn(c.v, on);
   auto ours_fn = [&](const at::Tensor& a, const at::Tensor& b, const at::Tensor& d) {
     return ring_attn::scaled_dot_product_attention(
         a, b, d, AttentionOptions().attn_mask(mask_as(c.mask, a.scalar_type()))
@@ -38,7 +41,7 @@ void check(const Case& c, const std::string& what) {
                                             c.causal, c.scale, c.gqa);
   };
   const at::Tensor shape_probe = torch_fn(q, k, v);
-  const at::Tensor dout = torch::randn(shape_probe.sizes(), at::kDouble);
+  const at::Tensor dout = torch::randn(shape_probe.sizes(), on);
   const auto ref = run(torch_fn, q, k, v, at::kDouble, dout);
   const auto ours = run(ours_fn, q, k, v, c.dtype, dout);
   const auto theirs = run(torch_fn, q, k, v, c.dtype, dout);
@@ -58,6 +61,18 @@ TEST(Attention, PlainAndCausalEveryDtype) {
       check({dt, {2, 3, 37, 40}, {2, 3, 37, 40}, {2, 3, 37, 24}, causal},
             std::string(c10::toString(dt)) + (causal ? " causal" : " plain"));
     }
+  }
+}
+
+TEST(Attention, CudaTensorsWhenBuiltWithCuda) {
+  // Runs only where the library has CUDA kernels and a GPU is visible (not in CI, whose
+  // build is CPU only): the same dispatcher path, CUDA tensors in and out.
+  if (!ring_attn::has_kernel(c10::DeviceType::CUDA) || !torch::cuda::is_available()) {
+    GTEST_SKIP() << "no CUDA kernels in this build or no GPU";
+  }
+  for (auto dt : {at::kBFloat16, at::kFloat}) {
+    check({dt, {2, 8, 100, 128}, {2, 2, 100, 128}, {2, 2, 100, 128}, true, true},
+          "cuda causal GQA", c10::Device(c10::kCUDA));
   }
 }
 
