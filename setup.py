@@ -78,11 +78,15 @@ def archs_define(arch_list: str) -> str:
 
 
 def extension():
-    sources = [os.path.join("csrc", "ring_attn.cpp"), os.path.join("csrc", "attn_host.cpp")]
+    # The module stub, then the same sources as the CMake library (CMakeLists.txt): the op
+    # schemas, the shared host code, the C++ API (csrc/api/) and the CPU kernels.
+    sources = [os.path.join("csrc", "python_module.cpp"), os.path.join("csrc", "ring_attn.cpp"),
+               os.path.join("csrc", "attn_host.cpp")]
+    sources += sorted(glob.glob(os.path.join("csrc", "api", "*.cpp")))
     cpu = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     sources += [f for f in cpu if not f.endswith("_avx512.cpp")]
     sources += [f for f in cpu if f.endswith("_avx512.cpp")]
-    include_dirs = [os.path.join(ROOT, "csrc")]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         nvcc = [archs_define(os.environ["TORCH_CUDA_ARCH_LIST"]),

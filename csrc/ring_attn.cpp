@@ -1,7 +1,9 @@
 // The op contract of ring_attn, declared once. Each backend registers its kernels with
 // TORCH_LIBRARY_IMPL(ring_attn, <Backend>, m) in its own file; Python registers the fake
-// (shape) kernels and autograd in ring_attn/ops.py.
-#include <Python.h>
+// (shape) kernels and autograd in ring_attn/ops.py, and C++ callers reach them through
+// csrc/api/ (the C++ API, csrc/include/ring_attn/). No Python here: the same file is
+// compiled into the Python extension (python_module.cpp adds the module) and into the
+// C++ library of the CMake build.
 #include <torch/library.h>
 
 #include <string>
@@ -9,13 +11,6 @@
 
 #include "cpu/cpu_isa.h"
 #include "cuda/tile_config.h"
-
-// An empty module: importing ring_attn._C loads this library, whose static initialisers
-// register the ops. No pybind11 symbols are needed, which keeps an abi3 wheel possible.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 namespace {
 
@@ -96,7 +91,13 @@ TORCH_LIBRARY(ring_attn, m) {
       "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int window_left=-1, "
       "int window_right=-1, float softcap=0.0, int dropout_head_offset=0) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
-  // Introspection for tests and benchmarks (no tensors): see the functions above.
+  // The exact (out, lse) merge, in place (csrc/include/ring_attn/merge.h): acc_out and
+  // acc_lse (float64) absorb a partial (out, lse) over other keys. One device-generic
+  // implementation (csrc/api/merge.cpp) for the Python ring and C++ callers.
+  m.def("merge_(Tensor(a!) acc_out, Tensor(b!) acc_lse, Tensor out, Tensor lse) -> ()");
+  // 0-D bool: a row with |lse| > 2^33 receives a non-zero gradient (merge.h).
+  m.def("_saturated_rows(Tensor lse, Tensor dout) -> Tensor");
+  // Introspection for tests and benchmarks (no tensors): the functions above.
   m.def("_cpu_isa() -> (str isa, str[] supported, bool amx)", &cpu_isa_info);
   m.def("_cuda_tile_config(int head_dim, ScalarType dtype, bool backward, int smem_limit) "
         "-> int[]",

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _C  # noqa: F401  (registers torch.ops.ring_attn.merge_ / _saturated_rows)
+
 Tensor = torch.Tensor
 
 
@@ -32,17 +34,17 @@ LSE_DTYPE = torch.float64
 # Beyond this |lse| a float64 lse no longer holds log(n) to float32 accuracy: its spacing
 # is 2^(33-52) = 2^-19, so exp(S - lse) in the backward is off by up to 2^-20 relative
 # (8 float32 ulps), and at |lse| ~ 3.4e38 (finfo(float32).min masks) by a factor of n.
-# Only a huge finite additive mask (or a score beyond 8.6e9) gets a row there.
+# Only a huge finite additive mask (or a score beyond 8.6e9) gets a row there. The test
+# itself is C++ (csrc/api/merge.cpp, kLseExactLimit), shared with the C++ API.
 LSE_EXACT_LIMIT = 2.0 ** 33
 
 
 def saturated_rows(lse: Tensor, dout: Tensor) -> Tensor:
     """0-D bool tensor (no host sync): some row with |lse| beyond LSE_EXACT_LIMIT gets a
     non-zero upstream gradient, so its backward would not be exact. Rows whose dout is 0
-    (e.g. padding a loss ignores) contribute exactly 0 whatever their P, and pass."""
-    # -inf (no key: P = 0 exactly) and NaN rows are other rules' cases, not this one's.
-    big = (lse.abs() > LSE_EXACT_LIMIT) & torch.isfinite(lse)
-    return (big & dout.ne(0).any(-1)).any()
+    (e.g. padding a loss ignores) contribute exactly 0 whatever their P, and pass; -inf
+    (no key) and NaN rows are other rules' cases. The op ring_attn::_saturated_rows."""
+    return torch.ops.ring_attn._saturated_rows.default(lse, dout)
 
 
 def tracing(t: Tensor) -> bool:
@@ -63,20 +65,9 @@ def merge_(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
     """In place: (acc_out, acc_lse) <- merge of itself with (out, lse).
 
     acc_out [..., S, Dv] and acc_lse [..., S] (float64) may be views (narrowed rows of a
-    larger accumulator); out is promoted to acc_out's dtype, lse to acc_lse's."""
-    lse = lse.to(acc_lse.dtype)
-    m = torch.maximum(acc_lse, lse)
-    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    w_acc = torch.exp(acc_lse - m)
-    w_new = torch.exp(lse - m)
-    total = w_acc + w_new
-    # total == 0 only where both lse are -inf: keep out = 0 there.
-    inv = torch.where(total > 0, total.reciprocal(), torch.zeros_like(total))
-    acc_out.mul_((w_acc * inv).unsqueeze(-1).to(acc_out.dtype))
-    # addcmul_, not add_(out * w): no out-sized temporary (a float32 [B, H, S_local, Dv]
-    # per ring step, 2 of the 10 q-shard-sized buffers at the forward's peak in bfloat16).
-    acc_out.addcmul_(out.to(acc_out.dtype), (w_new * inv).unsqueeze(-1).to(acc_out.dtype))
-    acc_lse.copy_(m + torch.log(total))
+    larger accumulator); out is promoted to acc_out's dtype, lse to acc_lse's. The op
+    ring_attn::merge_ (csrc/api/merge.cpp), the one implementation the C++ API shares."""
+    torch.ops.ring_attn.merge_.default(acc_out, acc_lse, out, lse)
 
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:

@@ -74,6 +74,16 @@ def _attn_bwd_fake(dout, q, k, v, out, lse, dlse=None, attn_mask=None, q_pos=Non
             torch.empty(v.shape, dtype=g, device=v.device))
 
 
+@torch.library.register_fake("ring_attn::merge_")
+def _merge_fake(acc_out, acc_lse, out, lse):
+    return None
+
+
+@torch.library.register_fake("ring_attn::_saturated_rows")
+def _saturated_rows_fake(lse, dout):
+    return lse.new_empty((), dtype=torch.bool)
+
+
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset, is_causal, scale, dropout_p,
      seed, out_fp32, cu_seqlens_q, cu_seqlens_k, window_left, window_right, softcap,
