@@ -104,3 +104,16 @@ def assert_all_ok(results: list[RankResult]) -> list[Any]:
     bad = [r for r in results if not r.ok]
     assert not bad, "\n".join(f"--- rank {r.rank} ---\n{r.error}" for r in bad)
     return [r.value for r in results]
+
+
+def assert_subgroup_results(per_rank: list[dict[int, tuple[int, list[str]]]], world_size: int,
+                            min_cases: int) -> None:
+    """Results of a spawn that ran world sizes 1..world_size as subgroups of the last P
+    ranks ({P: (cases run, failures)} per rank): every rank ran every P it belongs to, at
+    least min_cases cases each, with no failure."""
+    for rank, per_p in enumerate(per_rank):
+        want = list(range(world_size - rank, world_size + 1))
+        assert sorted(per_p) == want, f"rank {rank} ran P={sorted(per_p)}, expected {want}"
+        for p, (n, failures) in per_p.items():
+            assert n >= min_cases, f"P={p} rank {rank} ran only {n} cases"
+            assert not failures, "\n".join(failures)
