@@ -106,6 +106,22 @@ def assert_all_ok(results: list[RankResult]) -> list[Any]:
     return [r.value for r in results]
 
 
+def on_subgroups(rank: int, world_size: int, check: Callable[[int, int, Any], Any]) -> dict:
+    """Inside a spawned rank: for P = 1 .. world_size, a subgroup of the LAST P ranks (so
+    group ranks differ from global ranks) and check(group_rank, P, group) on its members.
+    Returns {P: check's value} for the subgroups this rank is in. new_group and the barrier
+    are collectives over the world: every rank takes part in each."""
+    import torch.distributed as dist
+    results = {}
+    for p in range(1, world_size + 1):
+        members = list(range(world_size - 1, world_size - 1 - p, -1))
+        group = dist.new_group(members)
+        if rank in members:
+            results[p] = check(dist.get_rank(group), p, group)
+        dist.barrier()
+    return results
+
+
 def assert_subgroup_results(per_rank: list[dict[int, tuple[int, list[str]]]], world_size: int,
                             min_cases: int) -> None:
     """Results of a spawn that ran world sizes 1..world_size as subgroups of the last P

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ring_attn
-from dist_utils import assert_all_ok, assert_subgroup_results, run_ranks
+from dist_utils import assert_all_ok, assert_subgroup_results, on_subgroups, run_ranks
 from helpers import assert_close_to_ref, sdpa_reference, torch_sdpa
 from ring_attn.comm import record_traffic
 from ring_attn.errors import RingAttnError, RingAttnTypeError
@@ -241,36 +241,31 @@ def _error_case(rank: int, p: int, group, failures: list) -> None:
             failures.append(f"errors P={p} rank {rank}: unexpected error {e}")
 
 
-def inference_checks(rank: int, world_size: int) -> dict:
-    import torch.distributed as dist
-    results = {}
-    for p in range(1, world_size + 1):
-        members = list(range(world_size - 1, world_size - 1 - p, -1))
-        group = dist.new_group(members)
-        if rank in members:
-            r = dist.get_rank(group)
-            failures: list = []
-            n = 0
-            for hq, hk in ((4, 4), (4, 2), (4, 1)):
-                for dtype in (torch.float32, torch.bfloat16):
-                    if p == 4 and dtype == torch.bfloat16 and hk == 4:
-                        continue  # 2 cores: P = 4 runs fewer cases
-                    q, k, v = _context(hq * 7 + hk, hq, hk, dtype, "cpu")
-                    cache = ShardedKVCache(1, 2, hk, 12, 10, dtype=dtype, group=group)
-                    _run_scenario(cache, q, k, v, failures, f"P={p} rank {r} {hq}/{hk} {dtype}")
-                    n += 1
-            # Every prefill strategy on every chunk (pass-KV and pass-Q both exact).
-            q, k, v = _context(3, 4, 2, torch.float32, "cpu")
-            for strategies in (["pass_kv"], ["pass_q"]):
-                cache = ShardedKVCache(1, 2, 2, 12, 10, group=group)
-                _run_scenario(cache, q, k, v, failures, f"P={p} rank {r} all {strategies}",
-                              strategies)
-                n += 1
-            _traffic_case(r, p, group, failures)
-            _error_case(r, p, group, failures)
-            results[p] = (n, failures)
-        dist.barrier()
-    return results
+def _inference_in_group(r: int, p: int, group) -> tuple[int, list[str]]:
+    failures: list = []
+    n = 0
+    for hq, hk in ((4, 4), (4, 2), (4, 1)):
+        for dtype in (torch.float32, torch.bfloat16):
+            if p == 4 and dtype == torch.bfloat16 and hk == 4:
+                continue  # 2 cores: P = 4 runs fewer cases
+            q, k, v = _context(hq * 7 + hk, hq, hk, dtype, "cpu")
+            cache = ShardedKVCache(1, 2, hk, 12, 10, dtype=dtype, group=group)
+            _run_scenario(cache, q, k, v, failures, f"P={p} rank {r} {hq}/{hk} {dtype}")
+            n += 1
+    # Every prefill strategy on every chunk (pass-KV and pass-Q both exact).
+    q, k, v = _context(3, 4, 2, torch.float32, "cpu")
+    for strategies in (["pass_kv"], ["pass_q"]):
+        cache = ShardedKVCache(1, 2, 2, 12, 10, group=group)
+        _run_scenario(cache, q, k, v, failures, f"P={p} rank {r} all {strategies}",
+                      strategies)
+        n += 1
+    _traffic_case(r, p, group, failures)
+    _error_case(r, p, group, failures)
+    return n, failures
+
+
+def inference_checks(rank: int, world_size: int) -> dict[int, tuple[int, list[str]]]:
+    return on_subgroups(rank, world_size, _inference_in_group)
 
 
 def test_inference_gloo_matches_single_device(tmp_path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 import ring_attn
-from dist_utils import assert_all_ok, assert_subgroup_results, run_ranks
+from dist_utils import assert_all_ok, assert_subgroup_results, on_subgroups, run_ranks
 from helpers import assert_close_to_ref, random_bool_mask, random_float_mask, sdpa_reference
 from ring_attn.layout import LAYOUTS, global_positions
 
@@ -170,16 +170,9 @@ def ring_checks(rank: int, world_size: int) -> dict[int, tuple[int, list[str]]]:
     """On each subgroup of P = 1 .. world_size ranks, every configuration. The subgroup
     holds the LAST P ranks, so group ranks differ from global ranks (the ring must map
     its peers through the group)."""
-    import torch.distributed as dist
-    results = {}
-    for p in range(1, world_size + 1):
-        members = list(range(world_size - 1, world_size - 1 - p, -1))
-        group = dist.new_group(members)  # collective over the world: every rank calls it
-        if rank in members:
-            # P = 4 on 2 cores: fewer mask kinds (all of them run at P = 1, 2, 3).
-            results[p] = _checks_in_group(dist.get_rank(group), p, group, light=p == 4)
-        dist.barrier()
-    return results
+    # P = 4 on 2 cores: fewer mask kinds (all of them run at P = 1, 2, 3).
+    return on_subgroups(rank, world_size,
+                        lambda r, p, group: _checks_in_group(r, p, group, light=p == 4))
 
 
 def test_ring_matches_single_device(tmp_path) -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ring_attn
-from dist_utils import assert_all_ok, assert_subgroup_results, run_ranks
+from dist_utils import assert_all_ok, assert_subgroup_results, on_subgroups, run_ranks
 from helpers import assert_close_to_ref, random_bool_mask, sdpa_reference
 from ring_attn import ops
 from ring_attn.functional import draw_seed
@@ -364,32 +364,27 @@ def _dropout_case(rank: int, p: int, group, failures: list[str]) -> None:
     _compare(f"dropout P={p} r{rank}", got, want, None, failures, atol_floor=2e-6)
 
 
+def _window_in_group(r: int, p: int, group) -> tuple[int, list[str]]:
+    failures: list[str] = []
+    n = 0
+    for layout in LAYOUTS + ("auto",):
+        for w_i, window in enumerate(((2, 0), (8, 0), (40, 0), (3, -1), (2, 4))):
+            causal = window[1] == 0 or w_i == 3
+            hq, hk = ((4, 2), (2, 2), (4, 1))[w_i % 3]
+            _gloo_case(r, p, group, layout, causal, window, hq, hk,
+                       use_mask=w_i == 1, use_docs=w_i % 2 == 0, seed=n,
+                       failures=failures)
+            n += 1
+    _dropout_case(r, p, group, failures)
+    _nonfinite_case(r, p, group, failures)
+    _traffic_case(r, p, group, failures)
+    if p > 1:
+        _mismatch_case(r, p, group, failures)
+    return n, failures
+
+
 def window_checks(rank: int, world_size: int) -> dict[int, tuple[int, list[str]]]:
-    import torch.distributed as dist
-    results = {}
-    for p in range(1, world_size + 1):
-        members = list(range(world_size - 1, world_size - 1 - p, -1))
-        group = dist.new_group(members)
-        if rank in members:
-            r = dist.get_rank(group)
-            failures: list[str] = []
-            n = 0
-            for layout in LAYOUTS + ("auto",):
-                for w_i, window in enumerate(((2, 0), (8, 0), (40, 0), (3, -1), (2, 4))):
-                    causal = window[1] == 0 or w_i == 3
-                    hq, hk = ((4, 2), (2, 2), (4, 1))[w_i % 3]
-                    _gloo_case(r, p, group, layout, causal, window, hq, hk,
-                               use_mask=w_i == 1, use_docs=w_i % 2 == 0, seed=n,
-                               failures=failures)
-                    n += 1
-            _dropout_case(r, p, group, failures)
-            _nonfinite_case(r, p, group, failures)
-            _traffic_case(r, p, group, failures)
-            if p > 1:
-                _mismatch_case(r, p, group, failures)
-            results[p] = (n, failures)
-        dist.barrier()
-    return results
+    return on_subgroups(rank, world_size, _window_in_group)
 
 
 def test_ring_window_on_gloo(tmp_path) -> None:
