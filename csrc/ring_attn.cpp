@@ -1,7 +1,8 @@
 // The op contract of ring_attn, declared once. Each backend registers its kernels with
-// TORCH_LIBRARY_IMPL(ring_attn, <Backend>, m) in its own file; Python registers the fake
-// (shape) kernels and autograd in ring_attn/ops.py, and C++ callers reach them through
-// csrc/api/ (the C++ API, csrc/include/ring_attn/). No Python here: the same file is
+// TORCH_LIBRARY_IMPL(ring_attn, <Backend>, m) in its own file; attn_fwd's autograd kernel
+// is csrc/api/autograd.cpp, sdpa's implementation csrc/api/attention.cpp; Python
+// registers only the fake (shape) kernels (ring_attn/ops.py). Python and C++ callers
+// (the C++ API, csrc/include/ring_attn/) reach the same kernels through the dispatcher. No Python here: the same file is
 // compiled into the Python extension (python_module.cpp adds the module) and into the
 // C++ library of the CMake build.
 #include <torch/library.h>
@@ -97,6 +98,23 @@ TORCH_LIBRARY(ring_attn, m) {
   m.def("merge_(Tensor(a!) acc_out, Tensor(b!) acc_lse, Tensor out, Tensor lse) -> ()");
   // 0-D bool: a row with |lse| > 2^33 receives a non-zero gradient (merge.h).
   m.def("_saturated_rows(Tensor lse, Tensor dout) -> Tensor");
+  // torch's scaled_dot_product_attention on the kernels (csrc/api/attention.cpp): query
+  // [..., L, E], key [..., S, E], value [..., S, Ev] with broadcast batch dims, heads
+  // broadcast from one or grouped (enable_gqa), attn_mask (bool, float32 or query's dtype)
+  // broadcastable to [..., L, S], scale None -> 1/sqrt(E), the window and softcap of
+  // attn_fwd (top-left aligned positions). seed: None draws one from torch's default
+  // generator when dropout_p > 0. Differentiable through attn_fwd's autograd.
+  m.def(
+      "sdpa(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+      "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, "
+      "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? seed=None) "
+      "-> Tensor");
+  // sdpa's argument checks alone (same rules, same errors), for callers that compute
+  // otherwise (the simulated ring).
+  m.def(
+      "_sdpa_check(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+      "float dropout_p=0.0, bool is_causal=False, float? scale=None, bool enable_gqa=False, "
+      "int window_left=-1, int window_right=-1, float softcap=0.0) -> ()");
   // Introspection for tests and benchmarks (no tensors): the functions above.
   m.def("_cpu_isa() -> (str isa, str[] supported, bool amx)", &cpu_isa_info);
   m.def("_cuda_tile_config(int head_dim, ScalarType dtype, bool backward, int smem_limit) "

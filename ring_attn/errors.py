@@ -11,6 +11,10 @@ is_causal), IndexError for a 0-D or 1-D attn_mask, NotImplementedError for compl
 """
 from __future__ import annotations
 
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
 
 class RingAttnException(Exception):
     """Base of every exception ring_attn raises itself."""
@@ -50,3 +54,28 @@ def refuse_double_backward() -> None:
     import torch
     if torch.is_grad_enabled():
         raise RingAttnError(DOUBLE_BACKWARD)
+
+
+def call_op(op: Callable[..., T], *args: Any) -> T:
+    """op(*args), with the errors ring_attn's C++ rules raise (c10 errors, which reach
+    Python as RuntimeError, IndexError, NotImplementedError or TypeError, with a message
+    starting "ring_attn:") re-raised as the RingAttn* type of the same builtin type and
+    message: the one translation, used wherever Python calls a checking op. Under
+    torch.compile the op is called as is: dynamo reports a failing call its own way."""
+    import torch
+    if torch.compiler.is_compiling():
+        return op(*args)
+    try:
+        return op(*args)
+    except RingAttnException:
+        raise
+    except (RuntimeError, IndexError, TypeError) as e:
+        if not str(e).startswith("ring_attn:"):
+            raise
+        # NotImplementedError is a RuntimeError: test it first.
+        kind = next(k for base, k in _OURS if isinstance(e, base))
+        raise kind(str(e)) from None
+
+
+_OURS = ((NotImplementedError, RingAttnNotImplementedError), (RuntimeError, RingAttnError),
+         (IndexError, RingAttnIndexError), (TypeError, RingAttnTypeError))

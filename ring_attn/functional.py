@@ -12,6 +12,10 @@ exactly as in torch's math backend. Inputs torch rejects raise torch's exception
 (errors.py); a double backward (create_graph=True) raises. Meta tensors
 give shapes only; under torch.compile the function traces without graph breaks.
 
+The rules and the broadcasting are the C++ op ring_attn::sdpa (csrc/api/attention.cpp),
+which the C++ API calls too; this module checks only what C++ cannot see (the Python
+types of the arguments) and calls it.
+
 `attention(..., window=(left, right), softcap=...)` shares that code path and adds the
 band and soft-capping of the kernels (csrc/common/attn_params.h): query i sees key j iff
 i - left <= j <= i + right (flash-attn's convention, -1 unbounded; positions top-left
@@ -26,12 +30,10 @@ from typing import Optional
 
 import torch
 
-from . import ops
-from .errors import (RingAttnError, RingAttnIndexError, RingAttnNotImplementedError,
-                     RingAttnTypeError)
+from . import ops  # noqa: F401  (loads the library and registers the fake kernels)
+from .errors import RingAttnError, RingAttnIndexError, RingAttnTypeError, call_op
 
 Tensor = torch.Tensor
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _has_kernel(device: torch.device) -> bool:
@@ -139,128 +141,22 @@ def check_mask_type(attn_mask: object) -> None:
                                  f"got {attn_mask.dim()}-D of shape {tuple(attn_mask.shape)}")
 
 
-def validate_inputs(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
-                    dropout_p: float, is_causal: bool, scale: Optional[float],
-                    enable_gqa: bool) -> tuple[float, Optional[float]]:
-    """Raise, naming the argument, the expected and the actual value, on any input torch's
-    SDPA rejects (with torch's exception type, see errors.py), and on dropout_p = 1 or a
-    non-finite scale, which torch lets through. Returns (dropout_p, scale) as floats."""
+def check_argument_types(query: object, key: object, value: object, attn_mask: object,
+                         dropout_p: object, is_causal: object, scale: object,
+                         enable_gqa: object) -> tuple[float, Optional[float]]:
+    """The checks only Python can make, on the Python objects passed (torch's parser
+    raises TypeError for each: a non-tensor, an int is_causal, a str dropout_p), with the
+    numbers torch accepts as 0-D tensors converted. Returns (dropout_p, scale) as floats.
+    Every rule on the values is the C++ op's (csrc/api/attention.cpp)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t)
-    check_mask_type(attn_mask)
+    if attn_mask is not None:
+        check_tensor("attn_mask", attn_mask)
     dropout_p = check_dropout_p(dropout_p)
     check_bool("is_causal", is_causal)
     scale = check_scale(scale)
     check_bool("enable_gqa", enable_gqa)
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.dim() < 2:
-            raise RingAttnError(f"ring_attn: {name} must be at least 2-D [..., L, E], got "
-                                f"{t.dim()}-D of shape {tuple(t.shape)}")
-    if not (query.device.type == key.device.type == value.device.type):
-        raise RingAttnError("ring_attn: query, key and value must be on the same device, got "
-                            f"query {query.device}, key {key.device}, value {value.device}")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise RingAttnError("ring_attn: query, key and value must have the same dtype, got "
-                            f"query {query.dtype}, key {key.dtype}, value {value.dtype}")
-    if query.dtype not in _FLOAT_DTYPES:
-        # torch: NotImplementedError for complex and float8 (no kernel for the dtype),
-        # RuntimeError for integer and bool ("expected scalar type Float").
-        exotic = query.dtype.is_complex or query.dtype.is_floating_point
-        kind = RingAttnNotImplementedError if exotic else RingAttnError
-        raise kind("ring_attn: query dtype must be one of float32, float64, float16, "
-                   f"bfloat16, got {query.dtype}")
-    if not (query.device == key.device == value.device):
-        raise RingAttnError("ring_attn: query, key and value must be on the same device, got "
-                            f"query {query.device}, key {key.device}, value {value.device}")
-    if not _has_kernel(query.device):
-        raise RingAttnNotImplementedError(
-            f"ring_attn: no kernel for device {query.device} (this build has: "
-            f"{', '.join(d for d in ('cpu', 'cuda') if _has_kernel(torch.device(d)))}); "
-            "move the inputs or rebuild with CUDA")
-    if key.shape[-1] != query.shape[-1]:
-        raise RingAttnError(f"ring_attn: key head dim must equal query's {query.shape[-1]}, "
-                            f"got {key.shape[-1]}")
-    if value.shape[-2] != key.shape[-2]:
-        raise RingAttnError(f"ring_attn: value length must equal key's {key.shape[-2]}, got "
-                            f"{value.shape[-2]}")
-    if attn_mask is not None:
-        if is_causal:
-            raise RingAttnError("ring_attn: attn_mask must be None when is_causal=True "
-                                "(torch's rule: an explicit mask and is_causal are exclusive)")
-        # torch's rule: bool, float32, or the query's dtype.
-        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-            raise RingAttnError("ring_attn: attn_mask dtype must be bool, float32 or match "
-                                f"query's {query.dtype}, got {attn_mask.dtype}")
-        if attn_mask.device != query.device:
-            raise RingAttnError(f"ring_attn: attn_mask must be on query's device "
-                                f"{query.device}, got {attn_mask.device}")
-    _head_counts(query, key, value, enable_gqa)
     return dropout_p, scale
-
-
-def _heads(t: Tensor) -> int:
-    return t.shape[-3] if t.dim() >= 3 else 1
-
-
-def _head_counts(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
-                 ) -> tuple[int, int]:
-    """(query heads, key/value heads) the kernel sees, or raise naming the arguments.
-
-    Heads broadcast like batch dims, as in torch's math backend: one key (or value) head
-    serves any number of value (key) heads, one query head any number of KV heads.
-    Otherwise query heads must equal KV heads, or be a multiple with enable_gqa."""
-    hq, hk, hv = _heads(query), _heads(key), _heads(value)
-    if hk != hv and 1 not in (hk, hv):
-        raise RingAttnError(f"ring_attn: key and value head counts differ: key {hk}, "
-                            f"value {hv}")
-    hkv = max(hk, hv) if hk != hv else hk
-    if hq == hkv:
-        return hq, hkv
-    if enable_gqa:
-        if hkv == 0 or hq % hkv != 0:
-            raise RingAttnError(f"ring_attn: query heads ({hq}) must be a multiple of key/value "
-                                f"heads ({hkv}) with enable_gqa=True")
-        return hq, hkv
-    if hq == 1:
-        return hkv, hkv
-    if hkv == 1:
-        return hq, 1  # the kernel's GQA mapping with one group: no copy of K/V
-    raise RingAttnError(f"ring_attn: query has {hq} heads but key/value have {hkv}; "
-                        "pass enable_gqa=True for grouped-query attention")
-
-
-def _batch_shape(query: Tensor, key: Tensor, value: Tensor) -> tuple[int, ...]:
-    """Broadcast batch dims (everything before the head dim -3)."""
-    lead = [t.shape[:-3] if t.dim() >= 3 else torch.Size() for t in (query, key, value)]
-    try:
-        return tuple(torch.broadcast_shapes(*lead))
-    except RuntimeError as e:
-        raise RingAttnError(f"ring_attn: batch dims of query {tuple(lead[0])}, key "
-                            f"{tuple(lead[1])} and value {tuple(lead[2])} do not broadcast") from e
-
-
-def _to_4d(t: Tensor, batch: tuple[int, ...], heads: int) -> Tensor:
-    """[..., H, S, E] -> [B, heads, S, E]: batch dims and a single head broadcast with
-    stride 0 (no copy unless several broadcast batch dims must merge)."""
-    if t.dim() == 2:
-        t = t.unsqueeze(0)
-    t = t.expand(*batch, heads, *t.shape[-2:])
-    return t.reshape(math.prod(batch), *t.shape[-3:]) if len(batch) != 1 else t
-
-
-def _mask_to_4d(mask: Tensor, batch: tuple[int, ...], hq: int, lq: int, lk: int) -> Tensor:
-    full = (*batch, hq, lq, lk)
-    shape = tuple(mask.shape)
-    try:
-        mask = mask.expand(full) if mask.dim() <= len(full) else None
-    except RuntimeError:
-        mask = None
-    if mask is None:
-        raise RingAttnError(f"ring_attn: attn_mask shape {shape} does not broadcast to "
-                            f"[..., L, S] = {full}")
-    if len(batch) != 1:
-        mask = mask.reshape(math.prod(batch), hq, lq, lk)
-    return mask
 
 
 def draw_seed() -> Tensor:
@@ -295,24 +191,13 @@ def attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool = Fa
 def _attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
                window: object, softcap: object) -> Tensor:
-    """The one single-device implementation behind both entry points."""
-    dropout_p, scale = validate_inputs(query, key, value, attn_mask, dropout_p, is_causal,
-                                       scale, enable_gqa)
+    """The one single-device implementation behind both entry points: the op
+    ring_attn::sdpa (csrc/api/attention.cpp), which checks the values, broadcasts to the
+    kernel's 4-D views, draws the dropout seed and calls attn_fwd, whose autograd is
+    C++ too."""
+    dropout_p, scale = check_argument_types(query, key, value, attn_mask, dropout_p,
+                                            is_causal, scale, enable_gqa)
     left, right = check_window(window) or (-1, -1)
     softcap = check_softcap(softcap)
-    batch = _batch_shape(query, key, value)
-    e = query.shape[-1]
-    if scale is None:
-        scale = 1.0 / math.sqrt(e) if e > 0 else 1.0
-    hq, hkv = _head_counts(query, key, value, enable_gqa)
-    q4 = _to_4d(query, batch, hq)
-    k4, v4 = (_to_4d(t, batch, hkv) for t in (key, value))
-    hq, lq, lk = q4.shape[1], q4.shape[2], k4.shape[2]
-    mask4 = None if attn_mask is None else _mask_to_4d(attn_mask, batch, hq, lq, lk)
-    seed = draw_seed() if dropout_p > 0.0 else None
-    out, _ = ops.attn_fwd(q4, k4, v4, mask4, None, None, 0, 0, bool(is_causal), float(scale),
-                          float(dropout_p), seed, False, None, None, left, right, softcap)
-    # Output rank is the largest input rank, as with torch's broadcasting matmuls.
-    full = (*batch, hq, lq, value.shape[-1])
-    rank = max(query.dim(), key.dim(), value.dim())
-    return out.reshape(full[len(full) - rank:] if rank < len(full) else full)
+    return call_op(torch.ops.ring_attn.sdpa.default, query, key, value, attn_mask, dropout_p,
+                   is_causal, scale, enable_gqa, left, right, softcap, None)

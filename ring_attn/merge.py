@@ -47,14 +47,6 @@ def saturated_rows(lse: Tensor, dout: Tensor) -> Tensor:
     return torch.ops.ring_attn._saturated_rows.default(lse, dout)
 
 
-def tracing(t: Tensor) -> bool:
-    """Whether t is a tracer's stand-in (torch.compile, opcheck's AOT tests): a check that
-    reads tensor values on the host cannot run there."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-    return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
-
-
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of out for inputs of dtype: float64 stays, everything else
     float32."""

@@ -1,5 +1,6 @@
-"""Typed bindings of the ring_attn ops: the C++ kernels, their fake (shape) kernels for
-torch.compile, and autograd (backward of attn_fwd calls attn_bwd)."""
+"""Typed bindings of the ring_attn ops: the C++ kernels and their fake (shape) kernels for
+torch.compile. attn_fwd's autograd (backward calls attn_bwd) is the op's own C++ kernel
+(csrc/api/autograd.cpp), shared with the C++ API."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,8 +8,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.ring_attn)
-from .errors import SATURATED, RingAttnError, refuse_double_backward
-from .merge import LSE_DTYPE, saturated_rows, tracing
+from .merge import LSE_DTYPE
 
 Tensor = torch.Tensor
 
@@ -82,35 +82,3 @@ def _merge_fake(acc_out, acc_lse, out, lse):
 @torch.library.register_fake("ring_attn::_saturated_rows")
 def _saturated_rows_fake(lse, dout):
     return lse.new_empty((), dtype=torch.bool)
-
-
-def _setup_context(ctx, inputs, output):
-    (q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset, is_causal, scale, dropout_p,
-     seed, out_fp32, cu_seqlens_q, cu_seqlens_k, window_left, window_right, softcap,
-     head_offset) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, q_pos, k_pos, seed, cu_seqlens_q,
-                          cu_seqlens_k)
-    ctx.args = (q_offset, k_offset, is_causal, scale, dropout_p, window_left, window_right,
-                softcap, head_offset)
-    ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
-
-
-def _backward(ctx, dout, dlse):
-    refuse_double_backward()  # attn_bwd has no derivative: never a graph-less result
-    q, k, v, out, lse, attn_mask, q_pos, k_pos, seed, cu_q, cu_k = ctx.saved_tensors
-    q_offset, k_offset, is_causal, scale, dropout_p, left, right, softcap, head = ctx.args
-    if ctx.mask_needs_grad:
-        raise RuntimeError("ring_attn: gradients with respect to attn_mask are not supported")
-    if dout is None:
-        dout = torch.zeros_like(out)
-    elif not tracing(lse) and bool(saturated_rows(lse, dout)):
-        # One host sync per eager backward call (traced graphs cannot branch on data).
-        raise RingAttnError(SATURATED)
-    dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, q_offset,
-                          k_offset, is_causal, scale, dropout_p, seed, False, cu_q, cu_k,
-                          left, right, softcap, head)
-    return (dq, dk, dv) + (None,) * 16
-
-
-torch.library.register_autograd("ring_attn::attn_fwd", _backward, setup_context=_setup_context)

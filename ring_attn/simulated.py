@@ -20,8 +20,8 @@ from typing import Any, Optional
 import torch
 
 from .block import RingSpec, backward_block, forward_block
-from .errors import SATURATED, RingAttnError, refuse_double_backward
-from .functional import check_bool, draw_seed, validate_inputs
+from .errors import SATURATED, RingAttnError, call_op, refuse_double_backward
+from .functional import check_argument_types, check_bool, draw_seed
 from .documents import check_cu_seqlens
 from .layout import check_global_length, resolve_layout, shard_tensor, unshard_tensors
 from .packing import check_packed_arguments, packed_plan
@@ -136,8 +136,11 @@ def simulated_ring_attention(query: Tensor, key: Tensor, value: Tensor, *, world
     window, softcap, cu_seqlens (global boundaries) and layout="auto": as ring_attention."""
     check_bool("is_causal", is_causal)
     window, softcap = check_window(window), check_softcap(softcap)
-    dropout_p, scale = validate_inputs(query, key, value, attn_mask, dropout_p, False, scale,
-                                       True)
+    dropout_p, scale = check_argument_types(query, key, value, attn_mask, dropout_p, False,
+                                            scale, True)
+    # The single-device entry's rules on values (csrc/api/attention.cpp), GQA allowed.
+    call_op(torch.ops.ring_attn._sdpa_check.default, query, key, value, attn_mask, dropout_p,
+            False, scale, True)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() != 4:
             raise RingAttnError(f"ring_attn: {name} must be 4-D [B, H, S, D], got {t.dim()}-D")

@@ -333,3 +333,23 @@ def test_double_backward_is_refused(name: str) -> None:
         torch.autograd.grad(fn(q, k, v).sum(), (q, k, v), create_graph=True)
     grads = torch.autograd.grad(fn(q, k, v).sum(), (q, k, v))
     assert all(g is not None and g.grad_fn is None for g in grads)
+
+
+# The simulated ring checks its inputs with the single-device entry's rules: the C++ op
+# ring_attn::_sdpa_check runs the function ring_attn::sdpa runs (csrc/api/attention.cpp).
+SIMULATED_SAME = ["key_f64", "int32", "complex64", "query_meta", "query_1d", "key_head_dim",
+                  "gqa_not_divisible", "key_value_heads_differ", "mask_int64", "mask_1d",
+                  "mask_list", "dropout_p_negative", "scale_str"]
+
+
+@pytest.mark.parametrize("name", SIMULATED_SAME)
+def test_simulated_ring_applies_the_same_rules(name: str) -> None:
+    from ring_attn.simulated import simulated_ring_attention
+    kwargs, exc, match = BAD[name]()
+    kwargs = {**kwargs, "enable_gqa": True}  # the simulated ring always allows GQA
+    with pytest.raises(exc, match=match) as ours:
+        ring_attn.scaled_dot_product_attention(**kwargs)
+    kwargs.pop("enable_gqa")
+    with pytest.raises(exc) as sim:
+        simulated_ring_attention(**kwargs, world_size=1)
+    assert type(sim.value) is type(ours.value) and str(sim.value) == str(ours.value)

@@ -79,3 +79,26 @@ def test_gradcheck_cpu(name: str) -> None:
 def test_gradcheck_cuda(name: str) -> None:
     _check_gradcheck("cuda", name)
 
+
+
+def _check_gradcheck_op_lse(device: str) -> None:
+    """The op's own autograd (attn_fwd's C++ kernel, csrc/api/autograd.cpp) through BOTH
+    outputs: gradcheck differentiates out and lse, so the dlse it passes to attn_bwd is
+    checked too, with a causal offset, GQA and a window."""
+    q, k, v = _inputs("cpu", (1, 4, 5, 3), (1, 2, 7, 3), (1, 2, 7, 2), seed=2)
+    q, k, v = (t.detach().to(device).requires_grad_() for t in (q, k, v))
+
+    def fn(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return ring_attn.ops.attn_fwd(q, k, v, is_causal=True, q_offset=2, scale=0.6,
+                                      window_left=3)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_op_lse_cpu() -> None:
+    _check_gradcheck_op_lse("cpu")
+
+
+@pytest.mark.cuda
+def test_gradcheck_op_lse_cuda() -> None:
+    _check_gradcheck_op_lse("cuda")

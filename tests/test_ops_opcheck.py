@@ -1,5 +1,6 @@
 """The ring_attn ops themselves: torch.library.opcheck (schema, fake kernel, autograd
-registration, AOT dispatch with dynamic shapes) over representative inputs, and the op
+registration, AOT dispatch with dynamic shapes) over representative inputs (attn_fwd /
+attn_bwd, and sdpa, the SDPA entry both the Python and the C++ API call), and the op
 contract's semantics (global positions by offsets or maps, GQA head mapping, masks, lse,
 the dlse input of attn_bwd) against a float64 reference built from explicit masks."""
 from __future__ import annotations
@@ -105,6 +106,51 @@ def test_opcheck_attn_bwd_cpu(name: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("name", FWD_CASES)
 def test_opcheck_attn_bwd_cuda(name: str, dtype: torch.dtype) -> None:
     _check_opcheck_bwd("cuda", name, dtype)
+
+
+def _sdpa_case(device: str, name: str, dtype: torch.dtype) -> tuple[tuple, dict[str, Any]]:
+    """(query, key, value) and keyword args of the op ring_attn::sdpa: the broadcasting
+    it does (batch dims, one head, GQA, masks of lower rank) and the default scale."""
+    g = _gen(4)
+    shapes = {"gqa_causal": ((2, 4, 13, 16), (2, 2, 13, 16), (2, 2, 13, 8)),
+              "batch_5d_mask_2d": ((3, 2, 4, 11, 16), (1, 2, 4, 9, 16), (1, 2, 4, 9, 16)),
+              "query_3d_one_kv_head": ((4, 11, 16), (1, 9, 16), (1, 9, 16)),
+              "dropout": ((2, 4, 13, 16), (2, 4, 13, 16), (2, 4, 13, 16))}[name]
+    q, k, v = (randn(s, dtype, g, device) for s in shapes)
+    kw: dict[str, Any] = {}
+    if name == "gqa_causal":
+        kw.update(is_causal=True, enable_gqa=True)
+    elif name == "batch_5d_mask_2d":
+        kw.update(attn_mask=torch.rand((11, 9), generator=g).gt(0.3).to(device), scale=0.3)
+    elif name == "query_3d_one_kv_head":
+        kw.update(attn_mask=randn((4, 1, 9), dtype, g, device))
+    else:
+        kw.update(dropout_p=0.3, seed=torch.tensor(1234567, dtype=torch.int64), softcap=5.0)
+    return (q, k, v), kw
+
+
+SDPA_CASES = ["gqa_causal", "batch_5d_mask_2d", "query_3d_one_kv_head", "dropout"]
+
+
+def _check_opcheck_sdpa(device: str, name: str, dtype: torch.dtype) -> None:
+    """ring_attn::sdpa is C++ (CompositeImplicitAutograd) written on SymInts: the AOT
+    tests with dynamic shapes run it on fake tensors with symbolic sizes."""
+    (q, k, v), kw = _sdpa_case(device, name, dtype)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.ring_attn.sdpa.default, (q, k, v), kw)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("name", SDPA_CASES)
+def test_opcheck_sdpa_cpu(name: str, dtype: torch.dtype) -> None:
+    _check_opcheck_sdpa("cpu", name, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("name", SDPA_CASES)
+def test_opcheck_sdpa_cuda(name: str, dtype: torch.dtype) -> None:
+    _check_opcheck_sdpa("cuda", name, dtype)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 // The one place C++ calls the registered ops: typed dispatcher handles of
-// ring_attn::attn_fwd / attn_bwd (schemas in csrc/ring_attn.cpp). A schema change (a new
-// trailing argument) is adapted here and in BlockOptions, nowhere else.
+// ring_attn::attn_fwd / attn_bwd / sdpa (schemas in csrc/ring_attn.cpp). A schema change
+// (a new trailing argument) is adapted here and in BlockOptions / AttentionOptions,
+// nowhere else.
 #include "ring_attn/ops.h"
+
+#include "ring_attn/attention.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -24,6 +27,10 @@ using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const OptTensor&, bool, const OptTensor&, const OptTensor&, int64_t, int64_t, double,
     int64_t);
 
+using SdpaSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const OptTensor&, double, bool, std::optional<double>, bool,
+                           int64_t, int64_t, double, const OptTensor&);
+
 // Looked up once, on first use (the registering static initialisers have run by then).
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -36,6 +43,12 @@ const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("ring_attn::attn_bwd", "")
                              .typed<BwdSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<SdpaSig>& sdpa_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ring_attn::sdpa", "").typed<SdpaSig>();
   return op;
 }
 
@@ -59,6 +72,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
                        o.seed(), grad_fp32, o.cu_seqlens_q(), o.cu_seqlens_k(),
                        o.window_left(), o.window_right(), o.softcap(),
                        o.dropout_head_offset());
+}
+
+at::Tensor scaled_dot_product_attention(const at::Tensor& query, const at::Tensor& key,
+                                        const at::Tensor& value, const AttentionOptions& o) {
+  // The seed (dropout_p > 0) is drawn inside the op, after its checks.
+  return sdpa_op().call(query, key, value, o.attn_mask(), o.dropout_p(), o.is_causal(),
+                        o.scale(), o.enable_gqa(), o.window_left(), o.window_right(),
+                        o.softcap(), std::nullopt);
 }
 
 at::Tensor draw_dropout_seed() {

@@ -87,9 +87,9 @@ TEST(Errors, ShapesDtypesAndMasksLikeTorch) {
   expect_like_torch(in.q, in.k, in.v, torch::ones({8, 10}, at::kBool), true, false,
                     "attn_mask must be None when is_causal=True");
   expect_like_torch(in.q, in.k, in.v, torch::ones({8, 10}, at::kInt), false, false,
-                    "attn_mask dtype must be bool, float32 or match query's Float, got Int");
+                    "attn_mask dtype must be bool, float32 or match query's torch.float32, got torch.int32");
   expect_like_torch(in.q, in.k, in.v, torch::ones({8, 7}, at::kBool), false, false,
-                    "attn_mask shape [8, 7] does not broadcast to [..., L, S] = [2, 4, 8, 10]");
+                    "attn_mask shape (8, 7) does not broadcast to [..., L, S] = (2, 4, 8, 10)");
   const at::Tensor k2 = torch::randn({2, 2, 10, 16}), v2 = torch::randn({2, 2, 10, 12});
   expect_like_torch(in.q, k2, v2, std::nullopt, false, false,
                     "query has 4 heads but key/value have 2; pass enable_gqa=True");

@@ -15,10 +15,19 @@
 // in ops.h). Rows whose keys are all masked give 0. fp32 / fp64 / fp16 / bf16 on CPU, and
 // CUDA when the library was built with it.
 //
+// One implementation with the Python package: this function calls the registered op
+// ring_attn::sdpa (csrc/api/attention.cpp: the argument rules, the broadcasting to the
+// kernel's 4-D views, the seed), which ring_attn.scaled_dot_product_attention calls too;
+// the gradient comes from attn_fwd's autograd kernel (csrc/api/autograd.cpp), whose
+// backward calls ring_attn::attn_bwd.
+//
 // Bad input raises the exception type torch's SDPA raises, naming the argument, the
-// expected and the actual value: c10::Error (RuntimeError) for bad values,
-// c10::IndexError for a 0-D or 1-D mask, c10::NotImplementedError for a dtype or device
-// without a kernel. Double backward and gradients with respect to attn_mask raise.
+// expected and the actual value (dtypes and shapes printed as Python prints them,
+// torch.float32 and (2, 4, 8, 16), the same message as from Python): c10::Error
+// (RuntimeError) for bad values, c10::IndexError for a 0-D or 1-D mask,
+// c10::NotImplementedError for a dtype or device without a kernel. Double backward,
+// gradients with respect to attn_mask, and a gradient reaching a row every key of which
+// is masked by a huge finite value (|lse| > 2^33, merge.h) raise at backward.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -5,8 +5,9 @@
 // once, in csrc/ring_attn.cpp; BlockOptions carries their optional arguments with the same
 // names and defaults.
 //
-// Not differentiable by themselves: attn_bwd is the backward (see attention.h for the
-// autograd entry point).
+// attn_fwd is differentiable: the op's autograd kernel (csrc/api/autograd.cpp, the one
+// Python uses too) calls attn_bwd with the gradients of out and lse. attn_bwd has no
+// derivative (double backward raises).
 #pragma once
 
 #include <ATen/core/Tensor.h>
