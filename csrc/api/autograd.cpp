@@ -13,10 +13,26 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "api/refusal.h"
 #include "ring_attn/merge.h"
 #include "ring_attn/ops.h"
 
 namespace ring_attn {
+namespace detail {
+
+namespace {
+RefusalHandler refusal_handler = nullptr;  // set once, when the Python module loads
+}  // namespace
+
+void set_refusal_handler(RefusalHandler handler) { refusal_handler = handler; }
+
+void refuse(const char* message) {
+  if (refusal_handler != nullptr) refusal_handler(message);  // throws
+  TORCH_CHECK(false, message);
+}
+
+}  // namespace detail
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -78,16 +94,16 @@ class AttnFwdFunction : public torch::autograd::Function<AttnFwdFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     // The engine runs a backward with grad mode on exactly under create_graph=True; the
     // backward op has no derivative, so going on would return graph-less gradients.
-    TORCH_CHECK(!at::GradMode::is_enabled(), kDoubleBackward);
+    if (at::GradMode::is_enabled()) detail::refuse(kDoubleBackward);
     auto& d = ctx->saved_data;
-    TORCH_CHECK(!d["mask_needs_grad"].toBool(), kMaskGrad);
+    if (d["mask_needs_grad"].toBool()) detail::refuse(kMaskGrad);
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
     at::Tensor dout = grads[0];
     if (!dout.defined()) {
       dout = at::zeros_like(out);
     } else if (!tracing(lse)) {
-      TORCH_CHECK(!saturated_rows(lse, dout).item<bool>(), kSaturated);  // one host sync
+      if (saturated_rows(lse, dout).item<bool>()) detail::refuse(kSaturated);  // one host sync
     }
     BlockOptions o;
     o.attn_mask(opt(s[5]))
