@@ -256,8 +256,9 @@ def test_position_maps(name: str, dtype: torch.dtype) -> None:
 # than the forced limit the launcher takes the GPU's own (the case still runs). GQA, so
 # the prefetch crosses into the next head; causal with Sq > Sk so the last key blocks
 # skip the leading query blocks and the prefetch wraps to the next head's first active
-# block; a ragged last query block (200 = 3 x 64 + 8); dlse; a zigzag map (skips in the
-# middle).
+# block; a ragged last query block (200 = 3 x 64 + 8); dlse; a zigzag map; and a map whose
+# second 64 queries (positions 0..63) precede every key (500..649), so a skipped block
+# sits between active ones and the prefetch jumps over it.
 BWD_SMEM_LIMITS = {"227KB": 232_448, "163KB": 166_912, "99KB": 101_376}
 
 
@@ -271,6 +272,8 @@ def test_bwd_stages(limit: str, d: int, dtype: torch.dtype,
     _check(q, k, v, is_causal=True, dlse=True)
     qp, kp = _maps(200, 150)["zigzag"]
     _check(q, k, v, is_causal=True, q_pos=qp.cuda(), k_pos=kp.cuda())
+    qp = torch.cat([1000 + torch.arange(64), torch.arange(64), 2000 + torch.arange(72)])
+    _check(q, k, v, is_causal=True, q_pos=qp.cuda(), k_pos=500 + torch.arange(150).cuda())
 
 
 # ---------------------------------------------------------------------------------------
