@@ -5,7 +5,9 @@
 // maps (dtype, head dim) to the kernel instantiations of csrc/cuda/inst/:
 //   bfloat16 / float16  tensor-core kernels (sm_80+), head dim padded up to the smallest
 //                       compiled instantiation >= max(D, Dv) (64, 96, 128, 192, 256), the
-//                       tile picked from the GPU's smem per block (tile_config.h)
+//                       tile picked from the GPU's smem per block (tile_config.h); with a
+//                       band or documents and a position map or documents, the spans of
+//                       the blocks the kernel classifies computed once (block_spans.cu)
 //   float32 / float64   SIMT kernels in the input precision (simt_kernel.cuh): float64 is
 //                       supported on CUDA, correct but slow (no tensor-core fp64 path)
 // Head dims above 256 are rejected with a clear error on every dtype. delta and a float
