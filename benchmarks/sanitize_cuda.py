@@ -5,10 +5,14 @@ each case crosses tile edges (ragged query and key tails, padded head dims, skip
 tiles), so out-of-bounds reads/writes, smem races between pipeline stages and
 uninitialised smem would all be reached.
 
-Families: tensor cores (bf16, fp16) x head dims {64, 96, 128, 256} (each instantiation
-once, plus an odd dim padded up and Dv != D), and the SIMT kernels (float32, float64).
-Variants per family: plain, causal with a position map and GQA, bool + additive masks,
-dropout, out_fp32 / grad_fp32 with dlse. Exits non-zero on any CUDA error.
+Families: tensor cores (bf16, fp16) x head dims {64, 96, 128, 192, 256} (each
+instantiation once, plus an odd dim padded up and Dv != D, and D % 8 != 0 for load_tile's
+8- and 4-byte copies), and the SIMT kernels (float32, float64). Variants per family:
+plain, causal with a position map and GQA, bool + additive masks, dropout, out_fp32 /
+grad_fp32 with dlse. Every case has GQA (hq = 2 hk) and 3 backward query blocks per head,
+so the backward's double-buffered query block is prefetched within and across heads.
+Without --quick, the single-stage backward tiles (tile_config.h variant 1) run too, forced
+by RING_ATTN_SMEM_LIMIT. Exits non-zero on any CUDA error.
 
   compute-sanitizer --tool memcheck  python benchmarks/sanitize_cuda.py
   compute-sanitizer --tool racecheck python benchmarks/sanitize_cuda.py --quick
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Optional
 
 import torch
@@ -57,8 +62,10 @@ def main() -> None:
                     help="one case per family (racecheck is slow)")
     a = ap.parse_args()
     families = [(dt, d, d) for dt in (torch.bfloat16, torch.float16) for d in (64, 96, 128, 256)]
-    families += [(torch.bfloat16, 72, 40), (torch.float16, 200, 130),
-                 (torch.float32, 64, 48), (torch.float64, 40, 40)]
+    families += [(torch.bfloat16, 192, 192), (torch.bfloat16, 72, 40),
+                 (torch.float16, 200, 130), (torch.float32, 64, 48), (torch.float64, 40, 40)]
+    if not a.quick:
+        families += [(torch.bfloat16, 36, 34)]  # rows on 16/8-byte and 4-byte boundaries
     variants = [dict()] if a.quick else [
         dict(),
         dict(causal=True, pos_map=True, hq=4, hk=2),
@@ -72,6 +79,13 @@ def main() -> None:
             # 130 x 97: ragged tails for the 128-row forward and 64-row backward tiles.
             run_case(dtype, d, dv, 130, 97, **var)
             print(f"ok {str(dtype):15s} D={d:3d} Dv={dv:3d} {var}", flush=True)
+    if not a.quick:
+        # The single-stage backward tiles: hd128 on 99 KB GPUs, hd192 / hd256 on sm_80.
+        for d, limit in ((128, 101_376), (192, 166_912), (256, 166_912)):
+            os.environ["RING_ATTN_SMEM_LIMIT"] = str(limit)
+            run_case(torch.bfloat16, d, d, 130, 97, causal=True, pos_map=True, hq=4, hk=2)
+            print(f"ok single-stage backward D={d} (RING_ATTN_SMEM_LIMIT={limit})", flush=True)
+        del os.environ["RING_ATTN_SMEM_LIMIT"]
     print("all cases ran without a CUDA error")
 
 

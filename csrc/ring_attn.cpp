@@ -25,9 +25,10 @@ std::tuple<std::string, std::vector<std::string>, bool> cpu_isa_info() {
 
 // ring_attn::_cuda_tile_config: the tile the CUDA tensor-core kernels would launch for
 // (head_dim, dtype, direction) on a GPU allowing smem_limit bytes of shared memory per
-// block (sharedMemPerBlockOptin): [block_m, block_n, n_warps, smem_bytes, variant]. The
-// very function launch.cu calls (cuda/tile_config.h), available in every build, so the
-// CPU test suite covers each GPU's limit.
+// block (sharedMemPerBlockOptin): [block_m, block_n, n_warps, smem_bytes, variant, stages]
+// (stages: K/V buffers in the forward, query-block buffers in the backward). The very
+// function launch.cu calls (cuda/tile_config.h), available in every build, so the CPU
+// test suite covers each GPU's limit.
 std::vector<int64_t> cuda_tile_config(int64_t head_dim, c10::ScalarType dtype, bool backward,
                                       int64_t smem_limit) {
   TORCH_CHECK(dtype == c10::kBFloat16 || dtype == c10::kHalf,
@@ -46,7 +47,7 @@ std::vector<int64_t> cuda_tile_config(int64_t head_dim, c10::ScalarType dtype, b
               tile_smem_bytes(hd, backward, t.c[t.n - 1], 2),
               " bytes of shared memory per block, but smem_limit is ", smem_limit);
   const TileConfig& c = t.c[v];
-  return {c.block_m, c.block_n, c.n_warps, tile_smem_bytes(hd, backward, c, 2), v};
+  return {c.block_m, c.block_n, c.n_warps, tile_smem_bytes(hd, backward, c, 2), v, c.stages};
 }
 
 }  // namespace

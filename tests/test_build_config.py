@@ -72,3 +72,44 @@ def test_compat_script_needs_a_version():
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "check_torch_compat.sh")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "usage" in proc.stderr
+
+
+def _tile_variants(hd: int, backward: bool) -> int:
+    """How many tile variants tile_config.h has for (hd, direction): select_tile (through
+    ring_attn::_cuda_tile_config) asked for ever smaller limits until nothing fits."""
+    import torch
+    import ring_attn  # noqa: F401  (registers torch.ops.ring_attn)
+    limit, seen = 1 << 30, []
+    while True:
+        try:
+            cfg = list(torch.ops.ring_attn._cuda_tile_config(hd, torch.bfloat16, backward, limit))
+        except RuntimeError:
+            return len(seen)
+        seen.append(cfg[4])
+        assert cfg[4] == len(seen) - 1, (hd, backward, seen)
+        limit = cfg[3] - 1
+
+
+def test_every_tile_variant_is_instantiated_and_kept_by_both_builds(monkeypatch):
+    # launch.cu references run_{fwd,bwd}_tc<Elem, hd, v> for every variant v of every
+    # compiled head dim, so each needs exactly one file in csrc/cuda/inst/, and both
+    # builds' RING_ATTN_HEAD_DIMS filters (setup.py and CMakeLists.txt) must keep it: a
+    # variant file the filter drops is an undefined symbol at import time.
+    inst_dir = os.path.join(ROOT, "csrc", "cuda", "inst")
+    files = {f: _read("csrc", "cuda", "inst", f) for f in os.listdir(inst_dir) if f.endswith(".cu")}
+    cmake_re = re.search(r'list\(FILTER _inst_sources INCLUDE REGEX "([^"]+)"\)',
+                         _read("CMakeLists.txt")).group(1).replace("\\\\", "\\")
+    setup = _setup_module()
+    for hd in (64, 96, 128, 192, 256):
+        monkeypatch.setenv("RING_ATTN_HEAD_DIMS", str(hd))
+        monkeypatch.chdir(ROOT)
+        kept_setup = {os.path.basename(f) for f in setup.cuda_sources()}
+        kept_cmake = {f for f in files if re.search(cmake_re.replace("${_re}", str(hd)), f)}
+        for backward, fn in ((False, "run_fwd_tc"), (True, "run_bwd_tc")):
+            for v in range(_tile_variants(hd, backward)):
+                for elem in ("__nv_bfloat16", "__half"):
+                    sym = f"{fn}<{elem}, {hd}, {v}>"
+                    owners = [f for f, text in files.items() if sym in text]
+                    assert len(owners) == 1, (sym, owners)
+                    assert owners[0] in kept_setup, (sym, owners[0], "setup.py")
+                    assert owners[0] in kept_cmake, (sym, owners[0], "CMakeLists.txt")

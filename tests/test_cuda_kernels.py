@@ -171,9 +171,12 @@ def _qkv(dtype: torch.dtype, b: int, hq: int, hk: int, sq: int, sk: int, d: int,
 
 # ---------------------------------------------------------------------------------------
 # Head dims: every instantiation (64, 96, 128, 192, 256), odd dims padded up, Dv != D.
+# D % 8 != 0 takes load_tile's narrow copies (utils.cuh): 36 (row stride 72 B: rows on 16-
+# and 8-byte boundaries), 34 and 50 (4-byte rows between them), 3 and 33 (odd: rows at odd
+# elements, the element loads).
 HEAD_DIMS = [(32, 32), (64, 64), (72, 72), (80, 80), (96, 96), (128, 128), (160, 160),
              (192, 192), (192, 128), (256, 256), (8, 40), (64, 128), (128, 64), (200, 33),
-             (3, 3)]
+             (3, 3), (36, 36), (34, 50)]
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16, F32], ids=str)
@@ -242,6 +245,35 @@ def test_position_maps(name: str, dtype: torch.dtype) -> None:
     _check(q, k, v, is_causal=True, q_pos=qp.cuda(), k_pos=kp)
     _check(q, k, v, is_causal=True, q_pos=qp, k_pos=kp.cuda(), attn_mask=random_bool_mask(
         (1, 1, sq, sk), _gen(1), keep=0.8, device="cuda"))
+
+
+# ---------------------------------------------------------------------------------------
+# The backward's query-block stages (tile_config.h), each variant forced by
+# RING_ATTN_SMEM_LIMIT at the GPU class that takes it: 227 KB two stages (the next query
+# block's Q, dO, lse and delta copied during this block's compute) at every head dim;
+# 163 KB one stage at hd192/256; 99 KB one stage at hd128, the small tiles at hd192/256,
+# two stages at hd64/96 (hd96's 100,352 B is the tightest fit). On a GPU with less smem
+# than the forced limit the launcher takes the GPU's own (the case still runs). GQA, so
+# the prefetch crosses into the next head; causal with Sq > Sk so the last key blocks
+# skip the leading query blocks and the prefetch wraps to the next head's first active
+# block; a ragged last query block (200 = 3 x 64 + 8); dlse; a zigzag map; and a map whose
+# second 64 queries (positions 0..63) precede every key (500..649), so a skipped block
+# sits between active ones and the prefetch jumps over it.
+BWD_SMEM_LIMITS = {"227KB": 232_448, "163KB": 166_912, "99KB": 101_376}
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
+@pytest.mark.parametrize("limit", list(BWD_SMEM_LIMITS))
+def test_bwd_stages(limit: str, d: int, dtype: torch.dtype,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RING_ATTN_SMEM_LIMIT", str(BWD_SMEM_LIMITS[limit]))
+    q, k, v = _qkv(dtype, 1, 4, 2, 200, 150, d, seed=d + 1)
+    _check(q, k, v, is_causal=True, dlse=True)
+    qp, kp = _maps(200, 150)["zigzag"]
+    _check(q, k, v, is_causal=True, q_pos=qp.cuda(), k_pos=kp.cuda())
+    qp = torch.cat([1000 + torch.arange(64), torch.arange(64), 2000 + torch.arange(72)])
+    _check(q, k, v, is_causal=True, q_pos=qp.cuda(), k_pos=500 + torch.arange(150).cuda())
 
 
 # ---------------------------------------------------------------------------------------

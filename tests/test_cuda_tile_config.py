@@ -21,17 +21,20 @@ HEAD_DIMS = [64, 96, 128, 192, 256]
 PAD = 8  # elements of padding per smem row (tile_config.h kSmemPad)
 
 
-def _smem_fwd(hd: int, bm: int, bn: int) -> int:
-    # sQ [bm][hd+8], sK and sV double-buffered [2][bn][hd+8], 2-byte elements.
-    return (bm + 2 * 2 * bn) * (hd + PAD) * 2
+def _smem_fwd(hd: int, bm: int, bn: int, stages: int = 2) -> int:
+    # sQ [bm][hd+8], sK and sV with `stages` buffers each [bn][hd+8], 2-byte elements.
+    return (bm + 2 * stages * bn) * (hd + PAD) * 2
 
 
-def _smem_bwd(hd: int, bm: int, bn: int) -> int:
-    # sQ, sdO [bm][hd+8]; sK, sV [bn][hd+8]; sP, sdS [bm][bn+8]; float sLse, sDelta [bm].
-    return ((bm + bm + bn + bn) * (hd + PAD) + 2 * bm * (bn + PAD)) * 2 + 2 * bm * 4
+def _smem_bwd(hd: int, bm: int, bn: int, stages: int = 1) -> int:
+    # Per stage: sQ, sdO [bm][hd+8] and each row's float64 lse + float32 delta (12 bytes);
+    # once: sK, sV [bn][hd+8]; sP, sdS [bm][bn+8]; float sLseHi, sLseLo [bm].
+    per_stage = 2 * bm * (hd + PAD) * 2 + bm * (8 + 4)
+    return stages * per_stage + 2 * bn * (hd + PAD) * 2 + 2 * bm * (bn + PAD) * 2 + 2 * bm * 4
 
 
 def _tile(hd: int, dtype: torch.dtype, backward: bool, limit: int) -> list[int]:
+    """[block_m, block_n, n_warps, smem_bytes, variant, stages]."""
     return list(torch.ops.ring_attn._cuda_tile_config(hd, dtype, backward, limit))
 
 
@@ -50,22 +53,65 @@ def _warp_layout_ok(hd: int, bm: int, bn: int, warps: int, backward: bool) -> bo
 def test_tile_fits_every_gpu(gpu: str, backward: bool, dtype: torch.dtype) -> None:
     limit = SMEM_LIMITS[gpu]
     for hd in HEAD_DIMS:
-        bm, bn, warps, smem, variant = _tile(hd, dtype, backward, limit)
-        need = (_smem_bwd if backward else _smem_fwd)(hd, bm, bn)
-        assert smem == need, (hd, bm, bn, smem, need)
+        bm, bn, warps, smem, variant, stages = _tile(hd, dtype, backward, limit)
+        need = (_smem_bwd if backward else _smem_fwd)(hd, bm, bn, stages)
+        assert smem == need, (hd, bm, bn, stages, smem, need)
         assert smem <= limit, f"hd{hd} {gpu}: {smem} B > {limit} B"
         assert _warp_layout_ok(hd, bm, bn, warps, backward), (hd, bm, bn, warps)
-        assert variant in (0, 1)
+        assert variant in (0, 1, 2)
+        assert stages in (1, 2) if backward else stages == 2
 
 
 def test_a100_h100_keep_the_large_tiles() -> None:
-    # The preferred tiles (variant 0) where they fit: nothing changes on A100 / H100.
+    # The preferred forward tiles (variant 0) and the backward's 64 x 64 shape where they
+    # fit: A100 / H100 keep the tile shapes they had before double buffering.
     for gpu in ("sm_80", "sm_90/100"):
         for hd in HEAD_DIMS:
             fwd = _tile(hd, torch.bfloat16, False, SMEM_LIMITS[gpu])
             bwd = _tile(hd, torch.bfloat16, True, SMEM_LIMITS[gpu])
             assert fwd[:3] == ([128, 32, 8] if hd == 256 else [128, 64, 8]) and fwd[4] == 0
-            assert bwd[:3] == [64, 64, 8] and bwd[4] == 0
+            assert bwd[:3] == [64, 64, 8]
+
+
+# The backward tile each GPU class gets, (block_m, block_n, n_warps, stages): two
+# query-block stages (the next block's Q, dO, lse, delta copied during this block's
+# compute) wherever they fit, else one stage of the same shape, else the small tile.
+BWD_EXPECTED = {
+    "sm_90/100": {hd: (64, 64, 8, 2) for hd in HEAD_DIMS},
+    "sm_80": {64: (64, 64, 8, 2), 96: (64, 64, 8, 2), 128: (64, 64, 8, 2),
+              192: (64, 64, 8, 1), 256: (64, 64, 8, 1)},
+    "sm_86/89/120": {64: (64, 64, 8, 2), 96: (64, 64, 8, 2), 128: (64, 64, 8, 1),
+                     192: (64, 32, 8, 1), 256: (32, 32, 4, 1)},
+}
+
+
+@pytest.mark.parametrize("gpu", list(SMEM_LIMITS), ids=str)
+def test_bwd_stages_per_gpu(gpu: str) -> None:
+    limit = SMEM_LIMITS[gpu]
+    for hd in HEAD_DIMS:
+        bm, bn, warps, smem, _, stages = _tile(hd, torch.float16, True, limit)
+        assert (bm, bn, warps, stages) == BWD_EXPECTED[gpu][hd], (gpu, hd)
+        assert smem == _smem_bwd(hd, bm, bn, stages) <= limit
+        # One stage only where two of the same tile do not fit; the small tile only
+        # where not even one 64 x 64 stage fits.
+        if stages == 1:
+            assert _smem_bwd(hd, bm, bn, 2) > limit, (gpu, hd)
+        if (bm, bn) != (64, 64):
+            assert _smem_bwd(hd, 64, 64, 1) > limit, (gpu, hd)
+
+
+def test_bwd_stage_boundary() -> None:
+    # Exactly at the two-stage need it is taken; one byte less gives one stage. Figures
+    # from the layout: hd128 64 x 64 needs 124,928 B with two stages, 89,344 with one;
+    # hd96's two stages (100,352 B) fit the 99 KB GPUs with 1,024 B to spare.
+    two = _smem_bwd(128, 64, 64, 2)
+    assert (two, _smem_bwd(128, 64, 64, 1)) == (124_928, 89_344)
+    assert _tile(128, torch.bfloat16, True, two)[5] == 2
+    assert _tile(128, torch.bfloat16, True, two - 1)[4:] == [1, 1]
+    assert _smem_bwd(96, 64, 64, 2) == 100_352 == SMEM_LIMITS["sm_86/89/120"] - 1_024
+    # Double buffering adds one stage: 2 x 64 rows x (hd + 8) x 2 bytes + 64 x 12.
+    for hd in HEAD_DIMS:
+        assert _smem_bwd(hd, 64, 64, 2) - _smem_bwd(hd, 64, 64, 1) == 256 * (hd + PAD) + 768
 
 
 def test_99kb_gpus_get_smaller_tiles() -> None:
@@ -75,8 +121,10 @@ def test_99kb_gpus_get_smaller_tiles() -> None:
     # tile (69,632 B).
     limit = SMEM_LIMITS["sm_86/89/120"]
     assert _smem_fwd(128, 128, 64) == 104_448 and _smem_fwd(256, 128, 32) == 135_168
-    assert _smem_bwd(256, 64, 64) == 154_112
-    assert _tile(128, torch.float16, False, limit) == [128, 32, 8, 69_632, 1]
+    # (154,112 B was the single-stage layout with two floats of lse per row; the rows'
+    # float64 lse and delta per stage now add 768 B.)
+    assert _smem_bwd(256, 64, 64, 1) == 154_112 + 768
+    assert _tile(128, torch.float16, False, limit) == [128, 32, 8, 69_632, 1, 2]
     assert _tile(256, torch.float16, False, limit)[3] <= limit
     assert _tile(256, torch.float16, True, limit)[3] <= limit
     # Exactly at a tile's need it is taken; one byte less and the smaller one is.

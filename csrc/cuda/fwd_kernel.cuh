@@ -33,7 +33,7 @@ namespace cuda {
 
 template <typename Elem, typename Tr>
 __global__ void __launch_bounds__(Tr::kNThreads)
-    fwd_tc_kernel(const AttnFwdParams p, const bool out_fp32) {
+    fwd_tc_kernel(const AttnFwdParams p, const Span* __restrict__ k_spans, const bool out_fp32) {
   using Ops = ElemOps<Elem>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kHD = Tr::kHeadDim;
   constexpr int kS = Tr::kStride, kNThreads = Tr::kNThreads;
@@ -98,13 +98,17 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   const int n_blocks = ceil_div(Sk, kBlockN);
   const bool skip_ok = visibility_skip_ok(mk);
   // The status of key tile n (tile_status); every warp evaluates it identically (its own
-  // copy of the query spans, no CTA sync), and only when a band or documents exist.
+  // copy of the query spans, no CTA sync), and only when a band or documents exist. The
+  // tile's spans come from k_spans when launch.cu computed them once for the call (a
+  // position map or documents: block_spans.cu), else from block_spans.
   auto kind_of = [&](int n) -> TileKind {
     if (!has_rule) return TileKind::kFull;
     const int start = n * kBlockN;
-    return tile_status(mk, skip_ok, BlockSpans{*q_span_pad, *q_doc_pad},
-                       block_spans(mk.k_pos, mk.k_offset, mk.k_doc, start,
-                                   min(kBlockN, Sk - start), lane));
+    const BlockSpans ks =
+        k_spans ? BlockSpans{k_spans[2 * n], k_spans[2 * n + 1]}
+                : block_spans(mk.k_pos, mk.k_offset, mk.k_doc, start, min(kBlockN, Sk - start),
+                              lane);
+    return tile_status(mk, skip_ok, BlockSpans{*q_span_pad, *q_doc_pad}, ks);
   };
   // The first tile >= n that is not skipped (n_blocks if none), and its status.
   auto next_active = [&](int n, TileKind& kind) -> int {
@@ -352,7 +356,8 @@ __global__ void __launch_bounds__(Tr::kNThreads)
 
 // Host launcher, instantiated once per (dtype, head dim, tile variant) in csrc/cuda/inst/.
 template <typename Elem, int kHeadDim, int kVariant>
-cudaError_t run_fwd_tc(const AttnFwdParams& p, bool out_fp32, cudaStream_t stream) {
+cudaError_t run_fwd_tc(const AttnFwdParams& p, const Span* k_spans, bool out_fp32,
+                       cudaStream_t stream) {
   using Tr = typename FwdConfig<kHeadDim, kVariant>::T;
   const size_t smem = static_cast<size_t>(Tr::kSmemElems) * sizeof(Elem);
   auto kernel = fwd_tc_kernel<Elem, Tr>;
@@ -362,7 +367,7 @@ cudaError_t run_fwd_tc(const AttnFwdParams& p, bool out_fp32, cudaStream_t strea
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(p.shape.Sq, Tr::kBlockM), static_cast<unsigned>(p.shape.Hq),
                   static_cast<unsigned>(p.shape.B));
-  kernel<<<grid, Tr::kNThreads, smem, stream>>>(p, out_fp32);
+  kernel<<<grid, Tr::kNThreads, smem, stream>>>(p, k_spans, out_fp32);
   return cudaGetLastError();
 }
 

@@ -5,7 +5,9 @@
 // maps (dtype, head dim) to the kernel instantiations of csrc/cuda/inst/:
 //   bfloat16 / float16  tensor-core kernels (sm_80+), head dim padded up to the smallest
 //                       compiled instantiation >= max(D, Dv) (64, 96, 128, 192, 256), the
-//                       tile picked from the GPU's smem per block (tile_config.h)
+//                       tile picked from the GPU's smem per block (tile_config.h); with a
+//                       band or documents and a position map or documents, the spans of
+//                       the blocks the kernel classifies computed once (block_spans.cu)
 //   float32 / float64   SIMT kernels in the input precision (simt_kernel.cuh): float64 is
 //                       supported on CUDA, correct but slow (no tensor-core fp64 path)
 // Head dims above 256 are rejected with a clear error on every dtype. delta and a float
@@ -30,6 +32,7 @@
 
 #include "attn_host.h"
 #include "cuda/launch_api.h"
+#include "common/visibility.h"
 #include "cuda/tile_config.h"
 
 #ifndef RING_ATTN_HEAD_DIMS_LIMITED
@@ -216,28 +219,64 @@ cudaError_t with_head_dim(int hd, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// Calls f(std::integral_constant<int, V>{}) for the tile variant v in [kV, kN) (pick_tile's
+// result, always below tiles().n), so each (head dim, variant) names its instantiation.
+template <int kV, int kN, typename F>
+cudaError_t with_variant(int v, F&& f) {
+  if constexpr (kV + 1 < kN) {
+    if (v != kV) return with_variant<kV + 1, kN>(v, f);
+  }
+  return f(std::integral_constant<int, kV>{});
+}
+
+// The spans of the blocks a kernel's loop classifies (block_spans.cu), computed once for
+// the call into a workspace: the key tiles in the forward, the query blocks in the
+// backward. Only with a band or documents (else nothing is classified) and a position map
+// or documents on that side (else the kernel's offset arithmetic is cheaper than a load).
+// The returned tensor owns the workspace; undefined when none is needed.
+at::Tensor block_spans_workspace(const AttnMaskParams& m, bool keys, int64_t n, int block,
+                                 const at::Device& dev, cudaStream_t st) {
+  const int64_t* pos = keys ? m.k_pos : m.q_pos;
+  const int32_t* doc = keys ? m.k_doc : m.q_doc;
+  if (!has_visibility_rule(m) || (pos == nullptr && doc == nullptr)) return {};
+  const int64_t n_blocks = (n + block - 1) / block;
+  // Span is two int64 (lo, hi); two Spans (position, document) per block.
+  at::Tensor ws = at::empty({n_blocks, 4}, at::TensorOptions().dtype(at::kLong).device(dev));
+  C10_CUDA_CHECK(run_block_spans(pos, keys ? m.k_offset : m.q_offset, doc, static_cast<int>(n),
+                                 block, reinterpret_cast<Span*>(ws.data_ptr<int64_t>()), st));
+  return ws;
+}
+
+const Span* spans_ptr(const at::Tensor& ws) {
+  return ws.defined() ? reinterpret_cast<const Span*>(ws.data_ptr<int64_t>()) : nullptr;
+}
+
 template <typename Elem>
-cudaError_t fwd_tc(int hd, const AttnFwdParams& p, bool out_fp32, cudaStream_t st) {
+cudaError_t fwd_tc(int hd, const AttnFwdParams& p, const at::Device& dev, bool out_fp32,
+                   cudaStream_t st) {
   const int variant = pick_tile(hd, /*backward=*/false);
+  const at::Tensor k_spans = block_spans_workspace(
+      p.mask, /*keys=*/true, p.shape.Sk, tiles(hd, false).c[variant].block_n, dev, st);
   return with_head_dim(hd, [&](auto HD) -> cudaError_t {
     constexpr int kHD = decltype(HD)::value;
-    if constexpr (fwd_tiles(kHD).n > 1) {
-      if (variant == 1) return run_fwd_tc<Elem, kHD, 1>(p, out_fp32, st);
-    }
-    return run_fwd_tc<Elem, kHD, 0>(p, out_fp32, st);
+    return with_variant<0, fwd_tiles(kHD).n>(variant, [&](auto V) -> cudaError_t {
+      return run_fwd_tc<Elem, kHD, decltype(V)::value>(p, spans_ptr(k_spans), out_fp32, st);
+    });
   });
 }
 
 template <typename Elem>
-cudaError_t bwd_tc(int hd, const AttnBwdParams& p, float* dq_accum, bool grad_fp32,
-                   cudaStream_t st) {
+cudaError_t bwd_tc(int hd, const AttnBwdParams& p, const at::Device& dev, float* dq_accum,
+                   bool grad_fp32, cudaStream_t st) {
   const int variant = pick_tile(hd, /*backward=*/true);
+  const at::Tensor q_spans = block_spans_workspace(
+      p.mask, /*keys=*/false, p.shape.Sq, tiles(hd, true).c[variant].block_m, dev, st);
   return with_head_dim(hd, [&](auto HD) -> cudaError_t {
     constexpr int kHD = decltype(HD)::value;
-    if constexpr (bwd_tiles(kHD).n > 1) {
-      if (variant == 1) return run_bwd_tc<Elem, kHD, 1>(p, dq_accum, grad_fp32, st);
-    }
-    return run_bwd_tc<Elem, kHD, 0>(p, dq_accum, grad_fp32, st);
+    return with_variant<0, bwd_tiles(kHD).n>(variant, [&](auto V) -> cudaError_t {
+      return run_bwd_tc<Elem, kHD, decltype(V)::value>(p, spans_ptr(q_spans), dq_accum,
+                                                       grad_fp32, st);
+    });
   });
 }
 
@@ -264,10 +303,10 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cuda(
   cudaError_t err;
   switch (prep.q.scalar_type()) {
     case at::kBFloat16:
-      err = fwd_tc<__nv_bfloat16>(pick_head_dim(p.shape.D, p.shape.Dv), p, of32, st);
+      err = fwd_tc<__nv_bfloat16>(pick_head_dim(p.shape.D, p.shape.Dv), p, q.device(), of32, st);
       break;
     case at::kHalf:
-      err = fwd_tc<__half>(pick_head_dim(p.shape.D, p.shape.Dv), p, of32, st);
+      err = fwd_tc<__half>(pick_head_dim(p.shape.D, p.shape.Dv), p, q.device(), of32, st);
       break;
     case at::kFloat: err = run_fwd_simt<float>(p, of32, st); break;
     case at::kDouble: err = run_fwd_simt<double>(p, of32, st); break;
@@ -312,8 +351,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
     // output itself is the accumulator, otherwise a float32 buffer converted at the end.
     at::Tensor dq_accum = g32 ? prep.dq.zero_() : at::zeros(prep.dq.sizes(), prep.dq.options().dtype(at::kFloat));
     const int hd = pick_head_dim(s.D, s.Dv);
-    err = dt == at::kBFloat16 ? bwd_tc<__nv_bfloat16>(hd, p, dq_accum.data_ptr<float>(), g32, st)
-                              : bwd_tc<__half>(hd, p, dq_accum.data_ptr<float>(), g32, st);
+    float* dqa = dq_accum.data_ptr<float>();
+    err = dt == at::kBFloat16 ? bwd_tc<__nv_bfloat16>(hd, p, q.device(), dqa, g32, st)
+                              : bwd_tc<__half>(hd, p, q.device(), dqa, g32, st);
     C10_CUDA_CHECK(err);
     if (!g32) prep.dq.copy_(dq_accum);
   } else {

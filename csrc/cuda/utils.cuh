@@ -120,29 +120,56 @@ __device__ __forceinline__ void load_b2_trans(uint32_t (&r)[4], const Elem* base
 }
 
 // ---------------------------------------------------------------------------------------
-// cp.async (sm_80+): 16-byte global -> shared copies that bypass registers.
+// cp.async (sm_80+): global -> shared copies that bypass registers. 16 bytes through L2
+// only (.cg, tiles); 8 and 4 bytes (.ca, the only form for them). The _zfill forms copy
+// the first src_bytes (<= the copy size; 0 reads nothing) and zero the rest of the copy.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
+__device__ __forceinline__ void cp_async_8(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_8_zfill(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_4_zfill(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// "memory": a thread may read its own completed copies right after the wait, before any
+// barrier (bwd_kernel.cuh's lse split); without the clobber the compiler could hoist that
+// plain shared load above the wait.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Copies rows [0, rows_valid) x cols [0, cols_valid) of a global tile (row stride `gstride`
 // elements, unit column stride) into a [kRows][kCols] smem tile with `sstride` elements per
 // row, zero-filling everything outside: padded head-dim lanes and rows past the sequence
-// end must be exact zeros (0 * garbage could be NaN in the products). 16-byte chunks use
-// cp.async when the source is 16-byte aligned; ragged chunks (odd head dims, unaligned
-// views) fall back to element loads. That synchronous fallback stays for now: when
-// D % 8 != 0 every row after the first starts off a 16-byte boundary (row stride 2D
-// bytes), which the 16-byte cp.async forbids; 4- or 8-byte cp.async.ca (D even / D % 4 ==
-// 0) would cover most such D at 2-4x the copy instructions, to be measured on a GPU first.
+// end must be exact zeros (0 * garbage could be NaN in the products). Each 16-byte chunk
+// (8 elements) of a valid row is one cp.async of 16 bytes when its source is 16-byte
+// aligned, else two of 8 or four of 4 bytes, the widest its source alignment allows; a
+// ragged last chunk (cols_valid % 8 != 0) copies only its valid bytes and zero-fills the
+// rest (src-size). With D % 8 != 0 the rows of a contiguous tensor start off 16-byte
+// boundaries (row stride 2D bytes): D % 8 == 4 gives 16- and 8-byte rows alternately,
+// D % 4 == 2 4-byte rows between them, so every even D stays asynchronous. Only a source
+// at an odd element (2-byte alignment: odd rows of an odd D, odd-offset views) takes the
+// synchronous element loads, which stall the thread until they arrive.
 template <int kRows, int kCols, int kNThreads, typename Elem>
 __device__ __forceinline__ void load_tile(Elem* smem, int sstride, const Elem* gmem,
                                           int64_t gstride, int rows_valid, int cols_valid) {
   static_assert(kCols % 8 == 0, "tile width must be a multiple of 8 elements (16 bytes)");
+  static_assert(sizeof(Elem) == 2, "chunks of 8 two-byte elements");
   constexpr int kChunks = kCols / 8;
   const bool vec_ok = (reinterpret_cast<uintptr_t>(gmem) % 16 == 0) && (gstride % 8 == 0);
   for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kNThreads) {
@@ -155,9 +182,23 @@ __device__ __forceinline__ void load_tile(Elem* smem, int sstride, const Elem* g
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
     } else {
       const Elem* src = gmem + r * gstride + c;
-      const Elem zero = ElemOps<Elem>::from_float(0.f);
+      const int bytes = 2 * min(8, cols_valid - c);  // valid bytes of the chunk, 2..16
+      const unsigned align = static_cast<unsigned>(reinterpret_cast<uintptr_t>(src) & 15u);
+      if (align == 0) {
+        cp_async_16_zfill(dst, src, bytes);
+      } else if (align % 8 == 0) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = c + e < cols_valid ? src[e] : zero;
+        for (int k = 0; k < 2; ++k)
+          cp_async_8_zfill(dst + 4 * k, src + 4 * k, max(0, min(8, bytes - 8 * k)));
+      } else if (align % 4 == 0) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          cp_async_4_zfill(dst + 2 * k, src + 2 * k, max(0, min(4, bytes - 4 * k)));
+      } else {
+        const Elem zero = ElemOps<Elem>::from_float(0.f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dst[e] = c + e < cols_valid ? src[e] : zero;
+      }
     }
   }
 }

@@ -2,4 +2,4 @@
 #include "cuda/bwd_kernel.cuh"
 
 template cudaError_t ring_attn::cuda::run_bwd_tc<__nv_bfloat16, 128, 0>(
-    const ring_attn::AttnBwdParams&, float*, bool, cudaStream_t);
+    const ring_attn::AttnBwdParams&, const ring_attn::Span*, float*, bool, cudaStream_t);
