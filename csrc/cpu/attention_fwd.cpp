@@ -119,14 +119,7 @@ void fwd_impl(const AttnFwdParams& p) {
       const scalar_t* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
       if constexpr (kDot) {
         pack_pairs_t(kh, p.k_stride[2], j0, n, D, kt2.data() + item * D2 * KB, KB);
-        uint32_t* vd = v2.data() + (bh * Sk2 + j0 / 2) * Dv;
-        for (int64_t j = 0; j < n; j += 2) {
-          const scalar_t* r0 = vh + (j0 + j) * p.v_stride[2];
-          const scalar_t* r1 = j + 1 < n ? r0 + p.v_stride[2] : nullptr;
-          for (int64_t c = 0; c < Dv; ++c) {
-            vd[(j / 2) * Dv + c] = uint32_t(r0[c].x) | (uint32_t(r1 ? r1[c].x : 0) << 16);
-          }
-        }
+        pack_pairs_interleaved(vh, p.v_stride[2], j0, n, Dv, v2.data() + (bh * Sk2 + j0 / 2) * Dv);
       } else {
         load_block_t(kh, p.k_stride[2], j0, n, D, kt_pack.data() + item * D * KB, KB);
         if (!direct_v) load_block(vh, p.v_stride[2], j0, n, Dv, v_pack.data() + (bh * Sk + j0) * Dv);
