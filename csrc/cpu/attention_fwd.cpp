@@ -63,8 +63,14 @@ struct FwdBlocks {
 // 341 / 216 / 157, one long document 990 / 918 / 886; the packed ring's slowest rank at
 // P = 4: uniform 443 / 346 / 296 ms, long-tailed 581 / 447 / 380, 1-token 275 / 161 / 141,
 // long document 482 / 348 / 315.
-FwdBlocks fwd_blocks(int64_t Sq, int64_t Sk, bool docs) {
-  FwdBlocks bs{64, docs ? 128 : 512};
+//
+// bfloat16 on vdpbf16ps with a band (causal, window): key block 256. The tile across the
+// diagonal is computed in full and masked, so a smaller key block wastes less. Forward
+// S=4096, H=2, one thread, CPU time, shared host, GFLOP/s, two rounds, key block 512 /
+// 256: D=64 causal 121, 119 / 133, 135; D=128 causal 144, 144 / 161, 161; without the
+// band 512 stays (D=64: 164, 162 / 159, 160; D=128: 181, 178 / 183, 183).
+FwdBlocks fwd_blocks(int64_t Sq, int64_t Sk, bool docs, bool bf16_band) {
+  FwdBlocks bs{64, docs ? 128 : bf16_band ? 256 : 512};
   if (Sq < bs.q) bs.q = std::max<int64_t>(Sq, 1);
   if (Sk < bs.k) bs.k = std::max<int64_t>(Sk, 1);
   return bs;
@@ -80,7 +86,7 @@ void fwd_impl(const AttnFwdParams& p) {
   const int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Sq = s.Sq, Sk = s.Sk, D = s.D, Dv = s.Dv;
   const int64_t group = Hk > 0 ? Hq / Hk : 1;
   if (B * Hq * Sq == 0) return;
-  const FwdBlocks bs = fwd_blocks(Sq, Sk, p.mask.q_doc != nullptr);
+  const FwdBlocks bs = fwd_blocks(Sq, Sk, p.mask.q_doc != nullptr, kDot && has_band(p.mask));
   const int64_t QB = bs.q, KB = bs.k;
   const int64_t nqb = ceil_div(Sq, QB), nkb = ceil_div(Sk, KB);
 
