@@ -106,39 +106,51 @@ void fwd_impl(const AttnFwdParams& p) {
   const bool direct_v = direct_rows<scalar_t, acc>(p.v_stride[2], Dv);
   const bool may_skip = skip_allowed(p.mask);
 
-  // K^T of every (batch, KV head, key block), packed once per call and shared by all the
-  // query blocks and query heads that read it: [B*Hk][nkb][D][KB]. V in the accumulation
-  // type when it cannot be read in place: [B*Hk][Sk][Dv]. O(S) work against O(S^2) use.
-  // kDot instead packs bf16 pairs: K^T as [B*Hk][nkb][D2][KB] words (d = 2*d2, 2*d2+1)
-  // and V as [B*Hk][Sk2][Dv] words (keys 2*j2, 2*j2+1), odd ends padded with 0.
+  // K^T of a (batch, KV head) pair, packed once and shared by all the query blocks and
+  // query heads that read it: [nkb][D][KB]. V in the accumulation type when it cannot be
+  // read in place: [Sk][Dv]. O(S) work against O(S^2) use. kDot instead packs bf16 pairs:
+  // K^T as [nkb][D2][KB] words (d = 2*d2, 2*d2+1) and V as [Sk2][Dv] words (keys 2*j2,
+  // 2*j2+1), odd ends padded with 0.
+  // Where the packs live: with at least as many (batch, KV head) pairs as threads, one slot
+  // per thread, filled when the thread's items (contiguous in (batch, head, query block)
+  // order, at::parallel_for's static split) reach the next pair; otherwise one slot per
+  // pair, packed up front in parallel over key blocks. The per-thread slots keep the
+  // call's memory at out + lse + threads/(B * Hk) of a K-sized pack: the ring's forward
+  // measured one extra float32 out-sized buffer per call (benchmarks/ring_memory.py), the
+  // all-pairs pack (K^T in float32 for float32, K^T + V in bf16 pairs for bfloat16).
+  const int64_t nthreads = at::get_num_threads();
+  const bool pack_per_thread = B * Hk >= nthreads;
+  const int64_t slots = pack_per_thread ? nthreads : B * Hk;
   const int64_t D2 = (D + 1) / 2, Sk2 = (Sk + 1) / 2;
-  std::vector<acc> kt_pack(kDot ? 0 : static_cast<size_t>(B * Hk * nkb * D * KB));
-  std::vector<acc> v_pack(direct_v || kDot ? 0 : static_cast<size_t>(B * Hk * Sk * Dv));
-  std::vector<uint32_t> kt2(kDot ? static_cast<size_t>(B * Hk * nkb * D2 * KB) : 0);
-  std::vector<uint32_t> v2(kDot ? static_cast<size_t>(B * Hk * Sk2 * Dv) : 0);
-  at::parallel_for(0, B * Hk * nkb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t kb = item % nkb, bh = item / nkb;
-      const int64_t b = bh / Hk, hk = bh % Hk;
-      const int64_t j0 = kb * KB, n = std::min(KB, Sk - j0);
-      const scalar_t* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
-      const scalar_t* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
-      if constexpr (kDot) {
-        pack_pairs_t(kh, p.k_stride[2], j0, n, D, kt2.data() + item * D2 * KB, KB);
-        pack_pairs_interleaved(vh, p.v_stride[2], j0, n, Dv, v2.data() + (bh * Sk2 + j0 / 2) * Dv);
-      } else {
-        load_block_t(kh, p.k_stride[2], j0, n, D, kt_pack.data() + item * D * KB, KB);
-        if (!direct_v) load_block(vh, p.v_stride[2], j0, n, Dv, v_pack.data() + (bh * Sk + j0) * Dv);
-      }
+  std::vector<acc> kt_pack(kDot ? 0 : static_cast<size_t>(slots * nkb * D * KB));
+  std::vector<acc> v_pack(direct_v || kDot ? 0 : static_cast<size_t>(slots * Sk * Dv));
+  std::vector<uint32_t> kt2(kDot ? static_cast<size_t>(slots * nkb * D2 * KB) : 0);
+  std::vector<uint32_t> v2(kDot ? static_cast<size_t>(slots * Sk2 * Dv) : 0);
+  // Key block kb of pair bh into slot `slot`.
+  auto pack = [&](int64_t bh, int64_t kb, int64_t slot) {
+    const int64_t b = bh / Hk, hk = bh % Hk;
+    const int64_t j0 = kb * KB, n = std::min(KB, Sk - j0);
+    const scalar_t* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
+    const scalar_t* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
+    if constexpr (kDot) {
+      pack_pairs_t(kh, p.k_stride[2], j0, n, D, kt2.data() + (slot * nkb + kb) * D2 * KB, KB);
+      pack_pairs_interleaved(vh, p.v_stride[2], j0, n, Dv, v2.data() + (slot * Sk2 + j0 / 2) * Dv);
+    } else {
+      load_block_t(kh, p.k_stride[2], j0, n, D, kt_pack.data() + (slot * nkb + kb) * D * KB, KB);
+      if (!direct_v) load_block(vh, p.v_stride[2], j0, n, Dv, v_pack.data() + (slot * Sk + j0) * Dv);
     }
-  });
+  };
+  if (!pack_per_thread) {
+    at::parallel_for(0, B * Hk * nkb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) pack(item / nkb, item % nkb, item / nkb);
+    });
+  }
 
   // Per-thread scratch, allocated once: the Q block (when it cannot be read in place),
   // the score tile, the output accumulator and the row statistics.
   // (kDot: the Q block and the bf16 P tile, as bf16 pairs, in the first QB*D + QB*KB/2.)
   const int64_t KB2 = (KB + 1) / 2;
   const int64_t per_thread = QB * D + QB * KB + QB * Dv + 2 * QB + (kDot ? QB * KB2 : 0);
-  const int64_t nthreads = at::get_num_threads();
   std::vector<acc> scratch(static_cast<size_t>(per_thread * nthreads));
 
   at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
@@ -150,12 +162,18 @@ void fwd_impl(const AttnFwdParams& p) {
     uint32_t* q2 = reinterpret_cast<uint32_t*>(qbuf);  // kDot: [QB][D2] pairs (fits in QB*D)
     uint32_t* p2 = reinterpret_cast<uint32_t*>(lrow + QB);  // kDot: [QB][KB2] pairs
     constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
+    int64_t packed = -1;  // the pair in this thread's slot (pack_per_thread)
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = item % nqb;
       const int64_t h = (item / nqb) % Hq;
       const int64_t b = item / (nqb * Hq);
       const int64_t bhk = b * Hk + h / group;
+      const int64_t slot = pack_per_thread ? at::get_thread_num() : bhk;
+      if (pack_per_thread && packed != bhk) {
+        for (int64_t kb = 0; kb < nkb; ++kb) pack(bhk, kb, slot);
+        packed = bhk;
+      }
       const int64_t i0 = qb * QB, m = std::min(QB, Sq - i0);
 
       const scalar_t* qh = q + b * p.q_stride[0] + h * p.q_stride[1];
@@ -188,7 +206,7 @@ void fwd_impl(const AttnFwdParams& p) {
         Vh = reinterpret_cast<const acc*>(v + b * p.v_stride[0] + (h / group) * p.v_stride[1]);
         ldv = p.v_stride[2];
       } else {
-        Vh = v_pack.data() + bhk * Sk * Dv;
+        Vh = v_pack.data() + slot * Sk * Dv;
         ldv = Dv;
       }
       std::fill(O, O + m * Dv, acc(0));
@@ -201,9 +219,9 @@ void fwd_impl(const AttnFwdParams& p) {
         const int64_t j0 = kb * KB, n = std::min(KB, Sk - j0);
         if constexpr (kDot) {
           gemm_bcast_bf16_avx512(m, n, D2, scale, Q2, ldq2, 1,
-                                 kt2.data() + (bhk * nkb + kb) * D2 * KB, KB, 0.f, S, n);
+                                 kt2.data() + (slot * nkb + kb) * D2 * KB, KB, 0.f, S, n);
         } else {
-          gemm_bcast(m, n, D, scale, Q, ldq, 1, kt_pack.data() + (bhk * nkb + kb) * D * KB, KB,
+          gemm_bcast(m, n, D, scale, Q, ldq, 1, kt_pack.data() + (slot * nkb + kb) * D * KB, KB,
                      acc(0), S, n, /*split_k=*/n < 16);
         }
         if (softcap > 0) softcap_tile<acc>(S, nullptr, n, m, n, softcap);
@@ -228,7 +246,7 @@ void fwd_impl(const AttnFwdParams& p) {
         if constexpr (kDot) {
           const int64_t n2 = (n + 1) / 2;
           to_bf16_rows_avx512(S, m, n, n, reinterpret_cast<uint16_t*>(p2), 2 * n2);
-          gemm_bcast_bf16_avx512(m, Dv, n2, 1.f, p2, n2, 1, v2.data() + (bhk * Sk2 + j0 / 2) * Dv,
+          gemm_bcast_bf16_avx512(m, Dv, n2, 1.f, p2, n2, 1, v2.data() + (slot * Sk2 + j0 / 2) * Dv,
                                  Dv, 1.f, O, Dv);
         } else {
           gemm_bcast(m, Dv, n, acc(1), S, n, 1, Vh + j0 * ldv, ldv, acc(1), O, Dv);
