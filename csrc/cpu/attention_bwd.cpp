@@ -51,16 +51,17 @@ struct BwdBlocks {
 };
 
 // Block sizes, clipped to the lengths. Query block 64 x key block 128: five products per
-// tile share P and dS (3 x 32 KiB tiles) in L1/L2. kDot (all five products on bf16 pairs)
-// takes 128 queries: dV += P^T dO and dK += dS^T Q reduce over the query block, and 64
-// pairs per pass instead of 32 amortise the reload of their float32 accumulators; backward
-// S=4096, H=2, one thread, CPU time, shared host, two rounds, GFLOP/s, D=64 / D=128
-// non-causal: 64x128 152, 141 / 154, 143; 128x128 166, 159 / 165, 161; 256x128 166, 152 /
-// 173, 172; 128x256 169, 158 / 172, 160 (causal: 128x128 155 / 154 against 151 / 147). Measured on the 2-core AMD EPYC
+// tile share P and dS (3 x 32 KiB tiles) in L1/L2. Measured on the 2-core AMD EPYC
 // (AVX-512), backward S=4096, H=2, D=64, float32, one thread, CPU time, GFLOP/s
 // (FlashAttention convention, 2.5x forward):
 //   q x k = 32x64: 146, 64x64: 149, 64x128: 175, 64x256: 144, 128x128: 142, 128x64: 129,
 //           32x128: 136.
+// bf16_dot (all five products on bf16 pairs) takes 128 queries: dV += P^T dO and dK +=
+// dS^T Q reduce over the query block, and 64 pairs per pass instead of 32 amortise the
+// reload of their float32 accumulators. Backward S=4096, H=2, bfloat16, one thread, CPU
+// time, shared host (Zen 4), two rounds, GFLOP/s, D=64 / D=128 non-causal:
+//   64x128: 152, 141 / 154, 143;  128x128: 166, 159 / 165, 161;  256x128: 166, 152 /
+//   173, 172;  128x256: 169, 158 / 172, 160;  causal 128x128: 155 / 154 (64x128: 151 / 147).
 BwdBlocks bwd_blocks(int64_t Sq, int64_t Sk, bool bf16_dot) {
   BwdBlocks bs{bf16_dot ? 128 : 64, 128};
   if (Sq < bs.q) bs.q = std::max<int64_t>(Sq, 1);

@@ -19,9 +19,10 @@
 //
 // Accumulation is float32 (float64 for float64 inputs), and so is a float mask; lse is
 // written in float64 for every dtype (attn_params.h): float64 stays float64-accurate end
-// to end, and a row saturated by a huge finite mask keeps its log(n). K^T (and V, when it is not
-// float32 rows already) is packed once per call in the accumulation type, so both products
-// run in gemm_bcast (gemm.h): our AVX-512 or AVX2 micro-kernel (float), the BLAS (double).
+// to end, and a row saturated by a huge finite mask keeps its log(n). K^T (and V, when it
+// is not float32 rows already) is packed once per (batch, KV head) in the accumulation
+// type, so both products run in gemm_bcast (gemm.h): our AVX-512 or AVX2 micro-kernel
+// (float), the BLAS (double).
 // bfloat16 on CPUs with AVX512-BF16 packs K^T and V as bf16 pairs instead and runs both
 // products on vdpbf16ps (gemm_bf16_avx512.cpp), P rounded to bf16 for P V as torch's own
 // reduced-precision kernels do. Measured on the 2-core EPYC, S=4096, D=128, one thread,
@@ -137,7 +138,9 @@ void fwd_impl(const AttnFwdParams& p) {
       pack_pairs_interleaved(vh, p.v_stride[2], j0, n, Dv, v2.data() + (slot * Sk2 + j0 / 2) * Dv);
     } else {
       load_block_t(kh, p.k_stride[2], j0, n, D, kt_pack.data() + (slot * nkb + kb) * D * KB, KB);
-      if (!direct_v) load_block(vh, p.v_stride[2], j0, n, Dv, v_pack.data() + (slot * Sk + j0) * Dv);
+      if (!direct_v) {
+        load_block(vh, p.v_stride[2], j0, n, Dv, v_pack.data() + (slot * Sk + j0) * Dv);
+      }
     }
   };
   if (!pack_per_thread) {

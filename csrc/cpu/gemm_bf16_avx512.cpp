@@ -126,6 +126,13 @@ void to_bf16_rows_avx512(const float* src, int64_t m, int64_t n, int64_t lds, ui
   }
 }
 
+namespace {
+// bf16(x) rounded to nearest even, in the low 16 bits of each 32-bit lane.
+inline __m512i widened_bf16(__m512 x) {
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x));
+}
+}  // namespace
+
 void to_bf16_row_pairs_avx512(const float* src, int64_t m, int64_t n, int64_t lds,
                               uint32_t* dst, int64_t ldd) {
   for (int64_t i2 = 0; 2 * i2 < m; ++i2) {
@@ -136,8 +143,8 @@ void to_bf16_row_pairs_avx512(const float* src, int64_t m, int64_t n, int64_t ld
     for (int64_t c = 0; c < n; c += 16) {
       const __mmask16 k = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
       // bf16 of each row widened to the low half of 32-bit lanes, the second row shifted up.
-      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, s0 + c)));
-      const __m512i hi = has1 ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, s1 + c)))
+      const __m512i lo = widened_bf16(_mm512_maskz_loadu_ps(k, s0 + c));
+      const __m512i hi = has1 ? widened_bf16(_mm512_maskz_loadu_ps(k, s1 + c))
                               : _mm512_setzero_si512();
       _mm512_mask_storeu_epi32(d + c, k, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
