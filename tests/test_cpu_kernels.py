@@ -259,10 +259,11 @@ def test_reduced_precision_vs_torch_error(dtype):
 
 
 def test_bf16_odd_shapes_strided_vs_torch():
-    # On AVX512-BF16 CPUs the bfloat16 forward multiplies bf16 pairs: odd head dims and
-    # odd key counts are padded, and q rows with an odd stride are repacked.
+    # On AVX512-BF16 CPUs the bfloat16 kernels multiply bf16 pairs: odd head dims, odd key
+    # counts and (backward, pairs of queries) odd query counts are padded, and q rows with
+    # an odd stride are repacked.
     g = torch.Generator().manual_seed(6)
-    B, H, Sq, Sk, D = 1, 3, 100, 1101, 37
+    B, H, Sq, Sk, D = 1, 3, 101, 1101, 37
     q = randn((B, Sq, H, D), torch.bfloat16, g).transpose(1, 2)  # row stride H*D = 111
     k, v = (randn((B, H, Sk, D), torch.bfloat16, g) for _ in range(2))
     dout = randn((B, H, Sq, D), torch.bfloat16, g)

@@ -23,9 +23,14 @@
 // NaN, P = 0 rows still multiply dP (0 * NaN = NaN in dS), and no tile is skipped when a
 // value it would read is non-finite (attn_params.h), so NaN lands exactly where math's.
 //
-// Products: gemm_bcast (gemm.h). With bfloat16 inputs on AVX512-BF16 CPUs, S and dP (which
-// read only the inputs) use bf16 pairs, lifting the backward at S=4096, D=64..128, one
-// thread, from 156-192 to 212-222 GFLOP/s on the 2-core EPYC (CPU time).
+// Products: gemm_bcast (gemm.h). With bfloat16 inputs on AVX512-BF16 CPUs all five run on
+// vdpbf16ps (gemm_bf16_avx512.cpp) with float32 accumulation, P and dS rounded to bf16 for
+// dV, dK and dQ as torch's own CPU flash backward and FlashAttention do. Measured on the
+// 2-core Zen 4 EPYC, S=4096, H=2, D=64..128, one thread, CPU time, shared host: with only S
+// and dP on bf16 pairs the three float32 products took 69-73% of the backward (at about
+// half the bf16 products' rate) and the backward ran at 111-118 GFLOP/s; all five on bf16
+// pairs: 150-170 GFLOP/s. Errors vs float64 stay within 1.1x torch's bf16 error (dq, as
+// before) and below it for dk, dv (tests/test_cpu_kernels.py bound: 3x).
 #include "cpu/isa.h"
 
 #include <ATen/Parallel.h>
@@ -51,8 +56,14 @@ struct BwdBlocks {
 // (FlashAttention convention, 2.5x forward):
 //   q x k = 32x64: 146, 64x64: 149, 64x128: 175, 64x256: 144, 128x128: 142, 128x64: 129,
 //           32x128: 136.
-BwdBlocks bwd_blocks(int64_t Sq, int64_t Sk) {
-  BwdBlocks bs{64, 128};
+// bf16_dot (all five products on bf16 pairs) takes 128 queries: dV += P^T dO and dK +=
+// dS^T Q reduce over the query block, and 64 pairs per pass instead of 32 amortise the
+// reload of their float32 accumulators. Backward S=4096, H=2, bfloat16, one thread, CPU
+// time, shared host (Zen 4), two rounds, GFLOP/s, D=64 / D=128 non-causal:
+//   64x128: 152, 141 / 154, 143;  128x128: 166, 159 / 165, 161;  256x128: 166, 152 /
+//   173, 172;  128x256: 169, 158 / 172, 160;  causal 128x128: 155 / 154 (64x128: 151 / 147).
+BwdBlocks bwd_blocks(int64_t Sq, int64_t Sk, bool bf16_dot) {
+  BwdBlocks bs{bf16_dot ? 128 : 64, 128};
   if (Sq < bs.q) bs.q = std::max<int64_t>(Sq, 1);
   if (Sk < bs.k) bs.k = std::max<int64_t>(Sk, 1);
   return bs;
@@ -63,9 +74,12 @@ inline void store_rows(const T* src, int64_t rows, int64_t cols, grad_t* dst) {
   for (int64_t i = 0; i < rows * cols; ++i) dst[i] = static_cast<grad_t>(src[i]);
 }
 
-// kDot: bfloat16 inputs with AVX512-BF16 -- the two products that read the inputs only,
-// S = Q K^T and dP = dO V^T, take bf16 pairs (gemm_bf16_avx512.cpp) with float32
-// accumulation; the three that read P or dS stay float32, so no intermediate is rounded.
+// kDot: bfloat16 inputs with AVX512-BF16 -- all five products take bf16 pairs
+// (gemm_bf16_avx512.cpp) with float32 accumulation. Pairs run along each product's
+// reduction: over D for S = Q K^T and dP = dO V^T (Q, dO, K^T, V^T packed in pairs along
+// their rows), over queries for dV += P^T dO and dK += dS^T Q (P, dS, dO, Q in pairs of
+// rows), over keys for dQ += dS K (dS rows as bf16, K in pairs of rows). P and dS are
+// rounded to bf16 only as operands; softmax and dS = P (dP - delta) stay float32.
 template <typename scalar_t, typename grad_t, bool kDot>
 void bwd_impl(const AttnBwdParams& p) {
   using acc = acc_t<scalar_t>;
@@ -82,7 +96,7 @@ void bwd_impl(const AttnBwdParams& p) {
   }
   const int64_t group = Hq / Hk;
   const int64_t D2 = (D + 1) / 2, Dv2 = (Dv + 1) / 2;
-  const BwdBlocks bs = bwd_blocks(Sq, Sk);
+  const BwdBlocks bs = bwd_blocks(Sq, Sk, kDot);
   const int64_t QB = bs.q, KB = bs.k;
   const int64_t nqb = ceil_div(Sq, QB), nkb = ceil_div(Sk, KB);
 
@@ -132,7 +146,9 @@ void bwd_impl(const AttnBwdParams& p) {
                              + 3 * QB * KB         // P, dP / dS, dropped-P tiles
                              + (softcap > 0 ? QB * KB : 0)  // softcap's 1 - tanh^2 tile
                              + QB * D              // dQ block
-                             + (kDot ? QB * (D + Dv) : 0);  // Q, dO as bf16 pairs
+                             + (kDot ? QB * (D + Dv) : 0)   // Q, dO as bf16 pairs
+                             // kDot: P and dS in row pairs (A of dV, dK), dS in key pairs (A of dQ)
+                             + (kDot ? 2 * ((QB + 1) / 2) * KB + QB * ((KB + 1) / 2) : 0);
   std::vector<acc> scratch(static_cast<size_t>(per_thread * nthreads));
 
   at::parallel_for(0, B * Hk * nchunks, 1, [&](int64_t begin, int64_t end) {
@@ -154,6 +170,13 @@ void bwd_impl(const AttnBwdParams& p) {
     uint32_t* Vt2c = reinterpret_cast<uint32_t*>(Vtc);
     uint32_t* Q2 = reinterpret_cast<uint32_t*>(Tcap + (softcap > 0 ? QB * KB : 0));
     uint32_t* dO2 = Q2 + QB * D2;
+    uint32_t* Pt2 = dO2 + QB * Dv2;
+    uint32_t* dSt2 = Pt2 + ((QB + 1) / 2) * KB;
+    uint32_t* dS2 = dSt2 + ((QB + 1) / 2) * KB;
+    // kDot: K, Q and dO in pairs of rows (B of dQ, dK and dV) in place of the float32 rows.
+    uint32_t* Ki = reinterpret_cast<uint32_t*>(Kc);
+    uint32_t* Qi = reinterpret_cast<uint32_t*>(Qbuf);
+    uint32_t* dOi = reinterpret_cast<uint32_t*>(dObuf);
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item % nchunks;
@@ -165,12 +188,13 @@ void bwd_impl(const AttnBwdParams& p) {
 
       const scalar_t* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
       const scalar_t* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
-      load_block(kh, p.k_stride[2], c0, cn, D, Kc);
+      if constexpr (!kDot) load_block(kh, p.k_stride[2], c0, cn, D, Kc);
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t j0 = kb * KB, n = std::min(KB, Sk - j0);
         if constexpr (kDot) {
           pack_pairs_t(kh, p.k_stride[2], j0, n, D, Kt2c + (kb - kb0) * D2 * KB, KB);
           pack_pairs_t(vh, p.v_stride[2], j0, n, Dv, Vt2c + (kb - kb0) * Dv2 * KB, KB);
+          pack_pairs_interleaved(kh, p.k_stride[2], j0, n, D, Ki + (j0 - c0) / 2 * D);
         } else {
           load_block_t(kh, p.k_stride[2], j0, n, D, Ktc + (kb - kb0) * D * KB, KB);
           load_block_t(vh, p.v_stride[2], j0, n, Dv, Vtc + (kb - kb0) * Dv * KB, KB);
@@ -196,21 +220,24 @@ void bwd_impl(const AttnBwdParams& p) {
             const TileKind kind = tile_kind(p.mask, qpos, qb, kpos, kb, may_skip);
             if (kind == TileKind::kSkip) continue;
             if (!loaded) {
-              if (direct_q) {
+              if constexpr (kDot) {
+                pack_pairs_rows(qh, p.q_stride[2], i0, m, D, Q2);
+                pack_pairs_rows(doh, p.dout_stride[2], i0, m, Dv, dO2);
+                pack_pairs_interleaved(qh, p.q_stride[2], i0, m, D, Qi);
+                pack_pairs_interleaved(doh, p.dout_stride[2], i0, m, Dv, dOi);
+              } else if (direct_q) {
                 Q = reinterpret_cast<const acc*>(qh + i0 * p.q_stride[2]);
                 ldq = p.q_stride[2];
               } else {
                 load_block(qh, p.q_stride[2], i0, m, D, Qbuf);
               }
-              if (direct_do) {
+              if constexpr (kDot) {
+                // (dO is read as pairs only, packed above.)
+              } else if (direct_do) {
                 dO = reinterpret_cast<const acc*>(doh + i0 * p.dout_stride[2]);
                 lddo = p.dout_stride[2];
               } else {
                 load_block(doh, p.dout_stride[2], i0, m, Dv, dObuf);
-              }
-              if constexpr (kDot) {
-                pack_pairs_rows(qh, p.q_stride[2], i0, m, D, Q2);
-                pack_pairs_rows(doh, p.dout_stride[2], i0, m, Dv, dO2);
               }
               loaded = true;
             }
@@ -253,15 +280,31 @@ void bwd_impl(const AttnBwdParams& p) {
               Pd = Pdrop;
             }
             // dV += P_dropped^T dO
-            gemm_bcast(n, Dv, m, acc(1), Pd, 1, n, dO, lddo, acc(1), dVc + (j0 - c0) * Dv, Dv);
+            if constexpr (kDot) {
+              to_bf16_row_pairs_avx512(Pd, m, n, n, Pt2, n);
+              gemm_bcast_bf16_avx512(n, Dv, (m + 1) / 2, 1.f, Pt2, 1, n, dOi, Dv, 1.f,
+                                     dVc + (j0 - c0) * Dv, Dv);
+            } else {
+              gemm_bcast(n, Dv, m, acc(1), Pd, 1, n, dO, lddo, acc(1), dVc + (j0 - c0) * Dv, Dv);
+            }
             // dS = P * (dP - delta), in place of dP
             for (int64_t r = 0; r < m; ++r) ds_row(P + r * n, dP + r * n, n, delta_h[i0 + r]);
             if (softcap > 0) {
               for (int64_t e = 0; e < m * n; ++e) dP[e] *= Tcap[e];  // d(cap tanh(s/cap))/ds
             }
             // dK += scale * dS^T Q, dQ += scale * dS K
-            gemm_bcast(n, D, m, scale, dP, 1, n, Q, ldq, acc(1), dKc + (j0 - c0) * D, D);
-            gemm_bcast(m, D, n, scale, dP, n, 1, K, D, acc(1), dQb, D);
+            if constexpr (kDot) {
+              to_bf16_row_pairs_avx512(dP, m, n, n, dSt2, n);
+              gemm_bcast_bf16_avx512(n, D, (m + 1) / 2, scale, dSt2, 1, n, Qi, D, 1.f,
+                                     dKc + (j0 - c0) * D, D);
+              const int64_t n2 = (n + 1) / 2;
+              to_bf16_rows_avx512(dP, m, n, n, reinterpret_cast<uint16_t*>(dS2), 2 * n2);
+              gemm_bcast_bf16_avx512(m, D, n2, scale, dS2, n2, 1, Ki + (j0 - c0) / 2 * D, D, 1.f,
+                                     dQb, D);
+            } else {
+              gemm_bcast(n, D, m, scale, dP, 1, n, Q, ldq, acc(1), dKc + (j0 - c0) * D, D);
+              gemm_bcast(m, D, n, scale, dP, n, 1, K, D, acc(1), dQb, D);
+            }
           }
           if (nchunks == 1) {
             store_rows(dQb, m, D, dq + ((b * Hq + h) * Sq + i0) * D);

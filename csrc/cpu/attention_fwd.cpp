@@ -19,9 +19,10 @@
 //
 // Accumulation is float32 (float64 for float64 inputs), and so is a float mask; lse is
 // written in float64 for every dtype (attn_params.h): float64 stays float64-accurate end
-// to end, and a row saturated by a huge finite mask keeps its log(n). K^T (and V, when it is not
-// float32 rows already) is packed once per call in the accumulation type, so both products
-// run in gemm_bcast (gemm.h): our AVX-512 or AVX2 micro-kernel (float), the BLAS (double).
+// to end, and a row saturated by a huge finite mask keeps its log(n). K^T (and V, when it
+// is not float32 rows already) is packed once per (batch, KV head) in the accumulation
+// type, so both products run in gemm_bcast (gemm.h): our AVX-512 or AVX2 micro-kernel
+// (float), the BLAS (double).
 // bfloat16 on CPUs with AVX512-BF16 packs K^T and V as bf16 pairs instead and runs both
 // products on vdpbf16ps (gemm_bf16_avx512.cpp), P rounded to bf16 for P V as torch's own
 // reduced-precision kernels do. Measured on the 2-core EPYC, S=4096, D=128, one thread,
@@ -63,8 +64,14 @@ struct FwdBlocks {
 // 341 / 216 / 157, one long document 990 / 918 / 886; the packed ring's slowest rank at
 // P = 4: uniform 443 / 346 / 296 ms, long-tailed 581 / 447 / 380, 1-token 275 / 161 / 141,
 // long document 482 / 348 / 315.
-FwdBlocks fwd_blocks(int64_t Sq, int64_t Sk, bool docs) {
-  FwdBlocks bs{64, docs ? 128 : 512};
+//
+// bfloat16 on vdpbf16ps with a band (causal, window): key block 256. The tile across the
+// diagonal is computed in full and masked, so a smaller key block wastes less. Forward
+// S=4096, H=2, one thread, CPU time, shared host, GFLOP/s, two rounds, key block 512 /
+// 256: D=64 causal 121, 119 / 133, 135; D=128 causal 144, 144 / 161, 161; without the
+// band 512 stays (D=64: 164, 162 / 159, 160; D=128: 181, 178 / 183, 183).
+FwdBlocks fwd_blocks(int64_t Sq, int64_t Sk, bool docs, bool bf16_band) {
+  FwdBlocks bs{64, docs ? 128 : bf16_band ? 256 : 512};
   if (Sq < bs.q) bs.q = std::max<int64_t>(Sq, 1);
   if (Sk < bs.k) bs.k = std::max<int64_t>(Sk, 1);
   return bs;
@@ -80,7 +87,7 @@ void fwd_impl(const AttnFwdParams& p) {
   const int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Sq = s.Sq, Sk = s.Sk, D = s.D, Dv = s.Dv;
   const int64_t group = Hk > 0 ? Hq / Hk : 1;
   if (B * Hq * Sq == 0) return;
-  const FwdBlocks bs = fwd_blocks(Sq, Sk, p.mask.q_doc != nullptr);
+  const FwdBlocks bs = fwd_blocks(Sq, Sk, p.mask.q_doc != nullptr, kDot && has_band(p.mask));
   const int64_t QB = bs.q, KB = bs.k;
   const int64_t nqb = ceil_div(Sq, QB), nkb = ceil_div(Sk, KB);
 
@@ -100,46 +107,53 @@ void fwd_impl(const AttnFwdParams& p) {
   const bool direct_v = direct_rows<scalar_t, acc>(p.v_stride[2], Dv);
   const bool may_skip = skip_allowed(p.mask);
 
-  // K^T of every (batch, KV head, key block), packed once per call and shared by all the
-  // query blocks and query heads that read it: [B*Hk][nkb][D][KB]. V in the accumulation
-  // type when it cannot be read in place: [B*Hk][Sk][Dv]. O(S) work against O(S^2) use.
-  // kDot instead packs bf16 pairs: K^T as [B*Hk][nkb][D2][KB] words (d = 2*d2, 2*d2+1)
-  // and V as [B*Hk][Sk2][Dv] words (keys 2*j2, 2*j2+1), odd ends padded with 0.
+  // K^T of a (batch, KV head) pair, packed once and shared by all the query blocks and
+  // query heads that read it: [nkb][D][KB]. V in the accumulation type when it cannot be
+  // read in place: [Sk][Dv]. O(S) work against O(S^2) use. kDot instead packs bf16 pairs:
+  // K^T as [nkb][D2][KB] words (d = 2*d2, 2*d2+1) and V as [Sk2][Dv] words (keys 2*j2,
+  // 2*j2+1), odd ends padded with 0.
+  // Where the packs live: with at least as many (batch, KV head) pairs as threads, one slot
+  // per thread, filled when the thread's items (contiguous in (batch, head, query block)
+  // order, at::parallel_for's static split) reach the next pair; otherwise one slot per
+  // pair, packed up front in parallel over key blocks. The per-thread slots keep the
+  // call's memory at out + lse + threads/(B * Hk) of a K-sized pack: the ring's forward
+  // measured one extra float32 out-sized buffer per call (benchmarks/ring_memory.py), the
+  // all-pairs pack (K^T in float32 for float32, K^T + V in bf16 pairs for bfloat16).
+  const int64_t nthreads = at::get_num_threads();
+  const bool pack_per_thread = B * Hk >= nthreads;
+  const int64_t slots = pack_per_thread ? nthreads : B * Hk;
   const int64_t D2 = (D + 1) / 2, Sk2 = (Sk + 1) / 2;
-  std::vector<acc> kt_pack(kDot ? 0 : static_cast<size_t>(B * Hk * nkb * D * KB));
-  std::vector<acc> v_pack(direct_v || kDot ? 0 : static_cast<size_t>(B * Hk * Sk * Dv));
-  std::vector<uint32_t> kt2(kDot ? static_cast<size_t>(B * Hk * nkb * D2 * KB) : 0);
-  std::vector<uint32_t> v2(kDot ? static_cast<size_t>(B * Hk * Sk2 * Dv) : 0);
-  at::parallel_for(0, B * Hk * nkb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t kb = item % nkb, bh = item / nkb;
-      const int64_t b = bh / Hk, hk = bh % Hk;
-      const int64_t j0 = kb * KB, n = std::min(KB, Sk - j0);
-      const scalar_t* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
-      const scalar_t* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
-      if constexpr (kDot) {
-        pack_pairs_t(kh, p.k_stride[2], j0, n, D, kt2.data() + item * D2 * KB, KB);
-        uint32_t* vd = v2.data() + (bh * Sk2 + j0 / 2) * Dv;
-        for (int64_t j = 0; j < n; j += 2) {
-          const scalar_t* r0 = vh + (j0 + j) * p.v_stride[2];
-          const scalar_t* r1 = j + 1 < n ? r0 + p.v_stride[2] : nullptr;
-          for (int64_t c = 0; c < Dv; ++c) {
-            vd[(j / 2) * Dv + c] = uint32_t(r0[c].x) | (uint32_t(r1 ? r1[c].x : 0) << 16);
-          }
-        }
-      } else {
-        load_block_t(kh, p.k_stride[2], j0, n, D, kt_pack.data() + item * D * KB, KB);
-        if (!direct_v) load_block(vh, p.v_stride[2], j0, n, Dv, v_pack.data() + (bh * Sk + j0) * Dv);
+  std::vector<acc> kt_pack(kDot ? 0 : static_cast<size_t>(slots * nkb * D * KB));
+  std::vector<acc> v_pack(direct_v || kDot ? 0 : static_cast<size_t>(slots * Sk * Dv));
+  std::vector<uint32_t> kt2(kDot ? static_cast<size_t>(slots * nkb * D2 * KB) : 0);
+  std::vector<uint32_t> v2(kDot ? static_cast<size_t>(slots * Sk2 * Dv) : 0);
+  // Key block kb of pair bh into slot `slot`.
+  auto pack = [&](int64_t bh, int64_t kb, int64_t slot) {
+    const int64_t b = bh / Hk, hk = bh % Hk;
+    const int64_t j0 = kb * KB, n = std::min(KB, Sk - j0);
+    const scalar_t* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
+    const scalar_t* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
+    if constexpr (kDot) {
+      pack_pairs_t(kh, p.k_stride[2], j0, n, D, kt2.data() + (slot * nkb + kb) * D2 * KB, KB);
+      pack_pairs_interleaved(vh, p.v_stride[2], j0, n, Dv, v2.data() + (slot * Sk2 + j0 / 2) * Dv);
+    } else {
+      load_block_t(kh, p.k_stride[2], j0, n, D, kt_pack.data() + (slot * nkb + kb) * D * KB, KB);
+      if (!direct_v) {
+        load_block(vh, p.v_stride[2], j0, n, Dv, v_pack.data() + (slot * Sk + j0) * Dv);
       }
     }
-  });
+  };
+  if (!pack_per_thread) {
+    at::parallel_for(0, B * Hk * nkb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) pack(item / nkb, item % nkb, item / nkb);
+    });
+  }
 
   // Per-thread scratch, allocated once: the Q block (when it cannot be read in place),
   // the score tile, the output accumulator and the row statistics.
   // (kDot: the Q block and the bf16 P tile, as bf16 pairs, in the first QB*D + QB*KB/2.)
   const int64_t KB2 = (KB + 1) / 2;
   const int64_t per_thread = QB * D + QB * KB + QB * Dv + 2 * QB + (kDot ? QB * KB2 : 0);
-  const int64_t nthreads = at::get_num_threads();
   std::vector<acc> scratch(static_cast<size_t>(per_thread * nthreads));
 
   at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
@@ -151,12 +165,18 @@ void fwd_impl(const AttnFwdParams& p) {
     uint32_t* q2 = reinterpret_cast<uint32_t*>(qbuf);  // kDot: [QB][D2] pairs (fits in QB*D)
     uint32_t* p2 = reinterpret_cast<uint32_t*>(lrow + QB);  // kDot: [QB][KB2] pairs
     constexpr acc kNegInf = -std::numeric_limits<acc>::infinity();
+    int64_t packed = -1;  // the pair in this thread's slot (pack_per_thread)
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = item % nqb;
       const int64_t h = (item / nqb) % Hq;
       const int64_t b = item / (nqb * Hq);
       const int64_t bhk = b * Hk + h / group;
+      const int64_t slot = pack_per_thread ? at::get_thread_num() : bhk;
+      if (pack_per_thread && packed != bhk) {
+        for (int64_t kb = 0; kb < nkb; ++kb) pack(bhk, kb, slot);
+        packed = bhk;
+      }
       const int64_t i0 = qb * QB, m = std::min(QB, Sq - i0);
 
       const scalar_t* qh = q + b * p.q_stride[0] + h * p.q_stride[1];
@@ -189,7 +209,7 @@ void fwd_impl(const AttnFwdParams& p) {
         Vh = reinterpret_cast<const acc*>(v + b * p.v_stride[0] + (h / group) * p.v_stride[1]);
         ldv = p.v_stride[2];
       } else {
-        Vh = v_pack.data() + bhk * Sk * Dv;
+        Vh = v_pack.data() + slot * Sk * Dv;
         ldv = Dv;
       }
       std::fill(O, O + m * Dv, acc(0));
@@ -202,9 +222,9 @@ void fwd_impl(const AttnFwdParams& p) {
         const int64_t j0 = kb * KB, n = std::min(KB, Sk - j0);
         if constexpr (kDot) {
           gemm_bcast_bf16_avx512(m, n, D2, scale, Q2, ldq2, 1,
-                                 kt2.data() + (bhk * nkb + kb) * D2 * KB, KB, 0.f, S, n);
+                                 kt2.data() + (slot * nkb + kb) * D2 * KB, KB, 0.f, S, n);
         } else {
-          gemm_bcast(m, n, D, scale, Q, ldq, 1, kt_pack.data() + (bhk * nkb + kb) * D * KB, KB,
+          gemm_bcast(m, n, D, scale, Q, ldq, 1, kt_pack.data() + (slot * nkb + kb) * D * KB, KB,
                      acc(0), S, n, /*split_k=*/n < 16);
         }
         if (softcap > 0) softcap_tile<acc>(S, nullptr, n, m, n, softcap);
@@ -229,7 +249,7 @@ void fwd_impl(const AttnFwdParams& p) {
         if constexpr (kDot) {
           const int64_t n2 = (n + 1) / 2;
           to_bf16_rows_avx512(S, m, n, n, reinterpret_cast<uint16_t*>(p2), 2 * n2);
-          gemm_bcast_bf16_avx512(m, Dv, n2, 1.f, p2, n2, 1, v2.data() + (bhk * Sk2 + j0 / 2) * Dv,
+          gemm_bcast_bf16_avx512(m, Dv, n2, 1.f, p2, n2, 1, v2.data() + (slot * Sk2 + j0 / 2) * Dv,
                                  Dv, 1.f, O, Dv);
         } else {
           gemm_bcast(m, Dv, n, acc(1), S, n, 1, Vh + j0 * ldv, ldv, acc(1), O, Dv);

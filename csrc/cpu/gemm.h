@@ -56,5 +56,10 @@ void gemm_bcast_bf16_avx512(int64_t M, int64_t N, int64_t K2, float alpha, const
 // dst[r][0..n) = bf16(src[r][0..n)) rounded to nearest even, and dst[r][n] = 0 when n is odd.
 void to_bf16_rows_avx512(const float* src, int64_t m, int64_t n, int64_t lds, uint16_t* dst,
                          int64_t ldd);
+// Pairs of rows interleaved: dst[i2][c] = bf16(src[2*i2][c]) | bf16(src[2*i2+1][c]) << 16
+// for i2 < ceil(m / 2), c < n (the row after an odd last one reads as 0): the transposed A
+// operand (a_rs = 1, a_ps = ldd) of a product that reduces over src's rows.
+void to_bf16_row_pairs_avx512(const float* src, int64_t m, int64_t n, int64_t lds,
+                              uint32_t* dst, int64_t ldd);
 
 }  // namespace ring_attn::cpu

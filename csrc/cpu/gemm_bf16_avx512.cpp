@@ -1,5 +1,6 @@
-// bfloat16 dot-product micro-kernel (AVX512-BF16 vdpbf16ps) for the forward products of
-// bfloat16 inputs, entered only when use_avx512_bf16() (gemm.h).
+// bfloat16 dot-product micro-kernel (AVX512-BF16 vdpbf16ps) for the forward and backward
+// products of bfloat16 inputs, and the float32 -> bf16 pair conversions that feed it;
+// entered only when use_avx512_bf16() (gemm.h).
 //
 // vdpbf16ps multiplies 16 lanes of bf16 *pairs* and adds both products into float32
 // lanes: twice the multiply-adds of a float32 FMA per instruction, with float32
@@ -121,6 +122,31 @@ void to_bf16_rows_avx512(const float* src, int64_t m, int64_t n, int64_t lds, ui
       const __mmask16 wk = wleft >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << wleft) - 1);
       const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, s + c));
       _mm256_mask_storeu_epi16(d + c, wk, (__m256i)h);
+    }
+  }
+}
+
+namespace {
+// bf16(x) rounded to nearest even, in the low 16 bits of each 32-bit lane.
+inline __m512i widened_bf16(__m512 x) {
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x));
+}
+}  // namespace
+
+void to_bf16_row_pairs_avx512(const float* src, int64_t m, int64_t n, int64_t lds,
+                              uint32_t* dst, int64_t ldd) {
+  for (int64_t i2 = 0; 2 * i2 < m; ++i2) {
+    const float* s0 = src + 2 * i2 * lds;
+    const float* s1 = s0 + lds;
+    const bool has1 = 2 * i2 + 1 < m;
+    uint32_t* d = dst + i2 * ldd;
+    for (int64_t c = 0; c < n; c += 16) {
+      const __mmask16 k = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
+      // bf16 of each row widened to the low half of 32-bit lanes, the second row shifted up.
+      const __m512i lo = widened_bf16(_mm512_maskz_loadu_ps(k, s0 + c));
+      const __m512i hi = has1 ? widened_bf16(_mm512_maskz_loadu_ps(k, s1 + c))
+                              : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(d + c, k, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
   }
 }

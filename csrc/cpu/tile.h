@@ -331,6 +331,19 @@ inline void pack_pairs_t(const c10::BFloat16* base, int64_t ld, int64_t r0, int6
   }
 }
 
+// Rows r0..r0+n in pairs of consecutive rows, interleaved: dst[(r / 2) * cols + c] holds
+// rows r (low half) and r + 1 (high half) of column c; an odd last row is paired with 0.
+// The B operand of a product that reduces over these rows (P V, dS K, P^T dO, dS^T Q).
+inline void pack_pairs_interleaved(const c10::BFloat16* base, int64_t ld, int64_t r0, int64_t n,
+                                   int64_t cols, uint32_t* dst) {
+  for (int64_t r = 0; r < n; r += 2) {
+    const c10::BFloat16* a = base + (r0 + r) * ld;
+    const c10::BFloat16* b = r + 1 < n ? a + ld : nullptr;
+    uint32_t* d = dst + (r / 2) * cols;
+    for (int64_t c = 0; c < cols; ++c) d[c] = uint32_t(a[c].x) | (uint32_t(b ? b[c].x : 0) << 16);
+  }
+}
+
 // Whether rows of stride ld can feed BLAS directly (same type, rows do not overlap).
 template <typename src_t, typename dst_t>
 inline bool direct_rows(int64_t ld, int64_t cols) {
