@@ -419,13 +419,8 @@ def sweep(args: argparse.Namespace) -> None:
     report = write_report(rows, dict(machine_info(), load_start=load_start), command,
                           args.balance_len)
     report += f"\nSweep wall time: {time.perf_counter() - t0:.0f} s.\n"
-    with open(os.path.join(RESULTS, "ring.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(RESULTS, "ring.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    os.remove(raw)
+    save_results("ring", report, rows, raw)
     plot_memory(rows, os.path.join(RESULTS, "ring_memory.png"))
-    print(report)
 
 
 def vs_torch_cp(args: argparse.Namespace) -> None:
@@ -456,9 +451,15 @@ def vs_torch_cp(args: argparse.Namespace) -> None:
                f"at the end {info['load']}; sweep wall time {time.perf_counter() - t0:.0f} s.")
     text = torch_cp.report(rows, machine, "python benchmarks/bench_ring.py "
                            + " ".join(sys.argv[1:]))
-    with open(os.path.join(RESULTS, "ring_vs_torch_cp.md"), "w") as f:
+    save_results("ring_vs_torch_cp", text, rows, raw)
+
+
+def save_results(stem: str, text: str, rows: list, raw: str) -> None:
+    """results/<stem>.md (the report) and .json (the rows); the spawned ranks' raw
+    JSON-lines file is removed; the report is printed."""
+    with open(os.path.join(RESULTS, f"{stem}.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(RESULTS, "ring_vs_torch_cp.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{stem}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     os.remove(raw)
     print(text)

@@ -46,7 +46,8 @@ import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_ring import RESULTS, machine_info, reset_peak_rss, rss_mib  # noqa: E402
+from bench_ring import (RESULTS, machine_info, reset_peak_rss, rss_mib,  # noqa: E402
+                        save_results)
 
 B, H, S, D = 1, 8, 8192, 64
 
@@ -132,13 +133,7 @@ def main() -> None:
         fx, bx = r["fwd_mib"] / r["x_mib"], r["bwd_mib"] / r["x_mib"]
         lines.append(f"| {r['world']} | {r['dtype']} | {r['x_mib']:.1f} | {f:.0f} ({fm}) | "
                      f"{fx:.2f} | {b:.0f} ({bm}) | {bx:.2f} | {bx / b:.3f} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(RESULTS, "ring_memory_accounting.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(RESULTS, "ring_memory_accounting.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    os.remove(raw)
-    print(text)
+    save_results("ring_memory_accounting", "\n".join(lines) + "\n", rows, raw)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ __global__ void block_spans_kernel(const int64_t* __restrict__ pos, int64_t offs
   const int w = static_cast<int>((blockIdx.x * blockDim.x + threadIdx.x) / 32);
   const int lane = threadIdx.x % 32;
   if (w >= n_blocks) return;
-  const int start = w * block;
-  const BlockSpans s = block_spans(pos, offset, doc, start, min(block, n - start), lane);
+  const BlockSpans s = spans_of_block(nullptr, pos, offset, doc, w, block, n, lane);
   if (lane == 0) {
     out[2 * w] = s.pos;
     out[2 * w + 1] = s.doc;

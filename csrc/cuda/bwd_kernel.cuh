@@ -135,12 +135,10 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1)
   // map or documents: block_spans.cu), else from block_spans (offset arithmetic).
   auto kind_of = [&](int m) -> TileKind {
     if (!has_rule) return TileKind::kFull;
-    const int start = m * kBlockM;
-    const BlockSpans qs =
-        q_spans ? BlockSpans{q_spans[2 * m], q_spans[2 * m + 1]}
-                : block_spans(mk.q_pos, mk.q_offset, mk.q_doc, start, min(kBlockM, Sq - start),
-                              lane);
-    return tile_status(mk, skip_ok, qs, BlockSpans{*k_span_pad, *k_doc_pad});
+    return tile_status(mk, skip_ok,
+                       spans_of_block(q_spans, mk.q_pos, mk.q_offset, mk.q_doc, m, kBlockM, Sq,
+                                      lane),
+                       BlockSpans{*k_span_pad, *k_doc_pad});
   };
   // The first query block >= m that is not skipped (m_blocks if none), and its status.
   // Every pair (query, key) such a block hides is skipped, unless an input may be

@@ -103,12 +103,9 @@ __global__ void __launch_bounds__(Tr::kNThreads)
   // position map or documents: block_spans.cu), else from block_spans.
   auto kind_of = [&](int n) -> TileKind {
     if (!has_rule) return TileKind::kFull;
-    const int start = n * kBlockN;
-    const BlockSpans ks =
-        k_spans ? BlockSpans{k_spans[2 * n], k_spans[2 * n + 1]}
-                : block_spans(mk.k_pos, mk.k_offset, mk.k_doc, start, min(kBlockN, Sk - start),
-                              lane);
-    return tile_status(mk, skip_ok, BlockSpans{*q_span_pad, *q_doc_pad}, ks);
+    return tile_status(mk, skip_ok, BlockSpans{*q_span_pad, *q_doc_pad},
+                       spans_of_block(k_spans, mk.k_pos, mk.k_offset, mk.k_doc, n, kBlockN, Sk,
+                                      lane));
   };
   // The first tile >= n that is not skipped (n_blocks if none), and its status.
   auto next_active = [&](int n, TileKind& kind) -> int {

@@ -281,6 +281,17 @@ __device__ __forceinline__ BlockSpans block_spans(const int64_t* pos, int64_t of
   return r;
 }
 
+// The spans of block b (blocks of `block` rows, n rows in all; warp-collective like
+// block_spans): from the per-call table when launch.cu computed one (a position map or
+// documents: block_spans.cu, which fills it with block_spans), else block_spans itself.
+__device__ __forceinline__ BlockSpans spans_of_block(const Span* table, const int64_t* pos,
+                                                     int64_t offset, const int32_t* doc, int b,
+                                                     int block, int n, int lane) {
+  if (table) return BlockSpans{table[2 * b], table[2 * b + 1]};
+  const int start = b * block;
+  return block_spans(pos, offset, doc, start, min(block, n - start), lane);
+}
+
 // The status of a (query block, key block) tile under the band and documents: kFull when
 // there is no such rule, else classify_tile's, with kSkip demoted to kPartial (computed,
 // every element hidden by the element test) when skipping is not allowed (skip_ok is
