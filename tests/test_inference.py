@@ -131,7 +131,7 @@ def test_placement_balances_and_chunk_runs_cover_the_chunk() -> None:
 
 def test_choose_strategy_follows_the_bytes() -> None:
     f32, bf16 = torch.float32, torch.bfloat16
-    kw = dict(exposed_round_bytes=0, tail_factor=0.0)  # bytes only
+    kw = dict(exposed_round_bytes=0)  # bytes only
     assert choose_strategy(100, 0, 8, 8, 64, 64, f32, 4, **kw) == "pass_kv"   # no cache
     assert choose_strategy(100, 10_000, 8, 8, 64, 64, f32, 4, **kw) == "pass_q"  # long cache
     assert choose_strategy(100, 10_000, 8, 8, 64, 64, f32, 1, **kw) == "pass_kv"  # no sends
@@ -139,20 +139,18 @@ def test_choose_strategy_follows_the_bytes() -> None:
     assert choose_strategy(100, 500, 32, 4, 64, 64, f32, 4, **kw) == "pass_kv"
     assert choose_strategy(100, 900, 32, 4, 64, 64, f32, 4, **kw) == "pass_q"
     # The switch sits where the per-rank byte formulas cross (P = 4, balanced shards),
-    # pass-Q's exposed tail counted as its bytes: a round x plus c times the chunk's
-    # partials (every rank's out in float32 and lse in float64).
-    for x, c in ((0, 0.0), (2 ** 20, 0.0), (3 * 2 ** 20, 0.0), (9 * 2 ** 18, 2.0)):
+    # pass-Q's exposed round counted as x bytes.
+    for x in (0, 2 ** 20, 3 * 2 ** 19, 3 * 2 ** 20):
         for dtype in (f32, bf16):
             for hq, hk in ((8, 8), (8, 2), (8, 1)):
                 for t in (0, 64, 256, 1024, 4096, 16384, 65536):
                     n, b = 256, 2
                     kv = pass_kv_bytes([(t + n) // 4] * 4, b, hk, 64, 64, dtype, 0)
                     qb = pass_q_bytes([n // 4] * 4, b, hq, 64, 64, dtype, 0)
-                    tail = x + c * b * n * hq * (64 * 4 + 8)
-                    want = "pass_q" if qb + tail < kv else "pass_kv"
+                    want = "pass_q" if qb + x < kv else "pass_kv"
                     got = choose_strategy(n, t, hq, hk, 64, 64, dtype, 4, b,
-                                          exposed_round_bytes=x, tail_factor=c)
-                    assert got == want, (x, c, dtype, hq, hk, t)
+                                          exposed_round_bytes=x)
+                    assert got == want, (x, dtype, hq, hk, t)
 
 
 def test_cache_grows_geometrically_and_checks_arguments() -> None:

@@ -122,7 +122,8 @@ def ring_prefill(q: Tensor, k: Tensor, v: Tensor, cache: ShardedKVCache, *, laye
         chunk. Hk: the cache's KV heads (Hq % Hk == 0: GQA/MQA, never expanded).
       cache: the ShardedKVCache of the group; layer: which of its layers.
       strategy: "pass_kv" (K/V travel), "pass_q" (queries travel, partial outputs come
-        home) or "auto" (strategy.choose_strategy: the one that sends fewer bytes).
+        home) or "auto" (strategy.choose_strategy: the one that sends fewer bytes,
+        counting pass-Q's exposed last round as 1.5 MiB).
       scale: score scale, default 1/sqrt(D). group: None or the cache's group.
       cache_seqlens: optional, flash-attn's per-sequence cached lengths [B]: every
         sequence of a cache has the cache's length, so any other value (a serving batch

@@ -14,15 +14,15 @@ accumulator element, 8 for float64 inputs):
          + P - 1 messages of N / P * B * Hq * (Dv * a + 8) (out and float64 lse)
 
 Both do the same kernel work (every new query against every cached and earlier new key);
-what differs is the bytes and what overlaps: every pass-KV transfer overlaps a compute
-step, while pass-Q's partials go home after its last one. "auto" picks the strategy
-that sends fewer bytes once pass-Q's exposed tail is counted as bytes (X + c * B * N * Hq *
-(Dv * a + 8), below): pass-Q iff (P-1)/P * B * [N * Hq * (D * e + Dv * a + 8)] + tail <
-(P-1)/P * B * [(T + N) * Hk * (D + Dv) * e]. Without the tail, with D = Dv and g = Hq / Hk,
-that is T + N > g * N * (1 + 1/D) in float32 and T + N > 1.5 * g * N * (1 + 4/(3 D)) in
-bf16: pass-Q once the cache is longer than about g (1.5 g) times the chunk; the tail moves
-the switch to longer caches. The crossover measured on CPU/gloo:
-benchmarks/results/inference.md.
+what differs is the bytes and the messages: pass-Q sends P - 1 more (the partials), and
+its last partial goes home after its last compute step, where the owner then merges:
+an exposed round that pass-KV does not pay. "auto" picks the strategy that sends fewer
+bytes once that round is counted as X bytes (the link's latency times its bandwidth):
+pass-Q iff (P-1)/P * B * N * Hq * (D * e + Dv * a + 8) + X < (P-1)/P * B * (T + N) * Hk *
+(D + Dv) * e. Without X, with D = Dv and g = Hq / Hk, that is T + N > g * N * (1 + 1/D) in
+float32 and T + N > 1.5 * g * N * (1 + 4/(3 D)) in bf16: pass-Q once the cache is longer
+than about g (1.5 g) times the chunk; X moves the switch to longer caches, most for short
+chunks. The crossover measured on CPU/gloo: benchmarks/results/inference.md.
 """
 from __future__ import annotations
 
@@ -63,34 +63,30 @@ def pass_q_bytes(new_per_rank: list[int], batch: int, heads: int, head_dim: int,
     return batch * heads * (queries * head_dim * e + partials * (value_head_dim * a + 8))
 
 
-# pass-Q's partials go home after its last compute, and the owner then merges P - 1 of
-# them: a tail that nothing overlaps and pass-KV does not pay. Counted as the bytes the
-# link would move in that time: a fixed round (latency x bandwidth) plus TAIL_FACTOR times
-# the chunk's partial (out, lse) bytes, since the last message and the merges grow with the
-# chunk. Fitted on benchmarks/bench_inference.py's grid (P = 4 gloo ranks, 2-core VM): on
-# the quiet run (load 2.4) a bytes-only switch at 3 MiB was wrong by 1.34x at Hq:Hk 8:2,
-# T 4096, N 64 (pass-KV 2.86 MiB more, pass-Q faster: 9.8 vs 13.0 ms) yet right at 8:8,
-# T 1024, N 256 (2.99 MiB more, pass-KV faster: 13.8 vs 16.0 ms): no constant separates
-# them, a tail growing with N does. 2.25 MiB + 2 x partials: 29 of 30 points of that run,
-# worst 1.01x (a fit on that run; the loaded runs disagree with each other by up to 1.9x
-# at the near-ties, benchmarks/results/inference.md). On NVLink-class links (~10 us x
-# 100 GB/s) the round would be ~1 MB.
-EXPOSED_ROUND_BYTES = 9 * 2 ** 18  # 2.25 MiB
-TAIL_FACTOR = 2.0
+# X, fitted on benchmarks/bench_inference.py's grid (P = 4 gloo ranks on the 2-core VM,
+# 30 points of (Hk, T, N); each point 7-25 pairs of 8-layer prefills, the strategy faster
+# in the median pair). Pooled over the two runs of 2026-11-29 01:09 and 01:14 UTC, every X
+# from 0.75 to 2.25 MiB picks the faster at all 30 points, 0.5 MiB and 3 MiB at 25 (worst
+# 1.14x): 1.5 MiB, the middle; two later runs 28 and 30 of 30 (worst 1.07x). Pooled over
+# the four, resolved points pin it: pass-KV is faster where it sends 0.70 MiB more (Hk 8,
+# T 256, N 1024: 0.97x), pass-Q where pass-KV sends 2.86-2.99 MiB more (Hk 8, T 1024:
+# 1.07-1.14x; Hk 2, T 4096, N 64: 1.06x). A tail growing with the chunk (the rule before,
+# fitted on best-of-9 single calls: 2.25 MiB + 2x the partials) kept pass-KV at Hk 8,
+# T 1024, N 256 and 1024, 1.06-1.18x slower. On NVLink-class links (~10 us x 100 GB/s) X
+# would be ~1 MB; not measured.
+EXPOSED_ROUND_BYTES = 3 * 2 ** 19  # 1.5 MiB
 
 
 def choose_strategy(n_new: int, n_cached: int, heads: int, kv_heads: int, head_dim: int,
                     value_head_dim: int, dtype: torch.dtype, world_size: int,
-                    batch: int = 1, exposed_round_bytes: int = EXPOSED_ROUND_BYTES,
-                    tail_factor: float = TAIL_FACTOR) -> str:
-    """"pass_q" when its bytes per rank plus its exposed tail (exposed_round_bytes +
-    tail_factor x the chunk's partial bytes) are fewer than pass-KV's (balanced shards),
-    else "pass_kv"; one rank: "pass_kv" (nothing is sent)."""
+                    batch: int = 1, exposed_round_bytes: int = EXPOSED_ROUND_BYTES) -> str:
+    """"pass_q" when its bytes per rank plus its exposed round (exposed_round_bytes) are
+    fewer than pass-KV's (balanced shards), else "pass_kv"; one rank: "pass_kv" (nothing
+    is sent)."""
     if world_size <= 1 or n_new == 0:
         return "pass_kv"
     e, a = _sizes(dtype)
     share = batch * (world_size - 1) / world_size  # each rank sends P - 1 of P shares
     kv = share * (n_cached + n_new) * kv_heads * (head_dim + value_head_dim) * e
     q = share * n_new * heads * (head_dim * e + value_head_dim * a + 8)
-    tail = exposed_round_bytes + tail_factor * batch * n_new * heads * (value_head_dim * a + 8)
-    return "pass_q" if q + tail < kv else "pass_kv"
+    return "pass_q" if q + exposed_round_bytes < kv else "pass_kv"
