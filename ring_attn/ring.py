@@ -17,8 +17,8 @@ With one, K/V travel only as far as some rank's window reaches, and only the row
 reaches (contiguous layout, causal, window left: ceil(left / S_local) hops carrying the
 last `left` rows of the nearest shard).
 
-Backward (one autograd.Function; the global out and lse saved by forward make every
-block's probabilities final, so blocks are independent):
+Backward (op ring_bwd, the autograd of op ring_fwd; the global out and lse saved by
+forward make every block's probabilities final, so blocks are independent):
 
     dq = 0 (accumulation dtype, stays home); K/V travel as in forward, prefetched. The own
     block is computed last, after the ring steps, while the dK/dV hops home are in flight;
@@ -42,11 +42,15 @@ import torch
 import torch.distributed as dist
 
 from .block import RingSpec, backward_block, forward_block
-from .comm import GradTransit, HeldKV, RingComm, group_info
-from .errors import SATURATED, RingAttnError, refuse_double_backward
+from .comm import GradTransit, GroupInfo, HeldKV, RingComm, group_info
+from .errors import SATURATED, RingAttnError, RingAttnException, refuse_double_backward
+from .functional import (check_bool, check_dropout_p, check_mask_type, check_scale,
+                         check_softcap, check_tensor, check_window)
+from .layout import RING_LAYOUTS, check_layout
 from .merge import acc_dtype, saturated_rows
 from .profile import begin, recorder, span
-from .validate import agree_on_backward, agree_on_inputs, rows_nonfinite
+from .validate import (Agreed, agree_on_backward, agree_on_inputs, bits_float, float_bits,
+                       normalize_mask, rows_nonfinite)
 
 Tensor = torch.Tensor
 
@@ -129,22 +133,118 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-                spec: RingSpec, comm: Optional[RingComm]) -> Tensor:
-        acc_out, lse = ring_forward(spec, comm, q, k, v, mask)
-        out = acc_out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, mask)  # lse in float64
-        ctx.spec, ctx.comm = spec, comm
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+# --- The ring as two opaque operators ------------------------------------------------
+# The cross-rank agreement reads an all_gather result on the host, which torch.compile
+# cannot trace: as plain Python the ring broke the graph there (a Llama under
+# torch._dynamo.explain: 15 breaks, 9 with the call disabled). As custom ops
+# (ring_attn::ring_fwd / ring_bwd, taking the group by name) the ring is one node of the
+# graph, eager and compiled alike; the agreement and everything the backward needs from
+# it travel in `state`, an int64 vector:
+#   [call, seed?, seed, scale bits, dropout_p bits, layout, window?, left, right,
+#    softcap bits, kv_nonfinite x P, rows_nonfinite x P]
+_STATE = 10
 
-    @staticmethod
-    def backward(ctx: Any, dout: Tensor, _dlse: Optional[Tensor]):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = ring_backward(ctx.spec, ctx.comm, dout, q, k, v, out, lse, mask)
-        return dq, dk, dv, None, None, None
+
+def _group_of(name: str) -> Optional[dist.ProcessGroup]:
+    """The process group named `name`; None for the world (comm.py's fast path)."""
+    if name == dist.group.WORLD.group_name:
+        return None
+    return torch._C._distributed_c10d._resolve_process_group(name)
+
+
+def _encode(agreed: Agreed) -> Tensor:
+    seed = int(agreed.seed) if agreed.seed is not None else 0
+    left, right = agreed.window if agreed.window is not None else (0, 0)
+    return torch.tensor([agreed.call, int(agreed.seed is not None), seed,
+                         float_bits(agreed.scale), float_bits(agreed.dropout_p),
+                         RING_LAYOUTS.index(agreed.layout), int(agreed.window is not None),
+                         left, right, float_bits(agreed.softcap),
+                         *agreed.kv_nonfinite, *agreed.rows_nonfinite], dtype=torch.int64)
+
+
+def _spec(state: list[int], info: GroupInfo, q: Tensor, is_causal: bool,
+          cu_seqlens: Optional[Tensor], head_offset: int) -> RingSpec:
+    p = info.world_size
+    docs = tuple(int(x) for x in cu_seqlens.tolist()) if cu_seqlens is not None else None
+    return RingSpec(info.rank, p, RING_LAYOUTS[state[5]], is_causal, bits_float(state[3]),
+                    bits_float(state[4]),
+                    torch.tensor(state[2], dtype=torch.int64) if state[1] else None,
+                    q.size(2), tuple(bool(x) for x in state[_STATE:_STATE + p]),
+                    tuple(bool(x) for x in state[_STATE + p:_STATE + 2 * p]), state[0],
+                    (state[7], state[8]) if state[6] else None, bits_float(state[9]),
+                    cu_seqlens, docs, head_offset)
+
+
+@torch.library.custom_op("ring_attn::ring_fwd", mutates_args=())
+def ring_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+             cu_seqlens: Optional[Tensor], dropout_seed: Optional[Tensor], is_causal: bool,
+             scale: Optional[float], dropout_p: float, layout: str,
+             window: Optional[list[int]], softcap: float, head_offset: int,
+             group_name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, lse float64, state) of this rank's shard: the agreement, then the ring."""
+    info = group_info(_group_of(group_name))
+    agreed = agree_on_inputs(q, k, v, attn_mask, is_causal=is_causal, scale=scale,
+                             dropout_p=dropout_p, layout=layout, info=info,
+                             window=tuple(window) if window is not None else None,
+                             softcap=softcap, cu_seqlens=cu_seqlens, seed=dropout_seed)
+    spec = RingSpec(info.rank, info.world_size, agreed.layout, is_causal, agreed.scale,
+                    agreed.dropout_p, agreed.seed, q.size(2), agreed.kv_nonfinite,
+                    agreed.rows_nonfinite, agreed.call, agreed.window, agreed.softcap,
+                    cu_seqlens if agreed.docs is not None else None, agreed.docs,
+                    head_offset)
+    comm = RingComm(info) if info.world_size > 1 else None
+    out, lse = ring_forward(spec, comm, q, k, v, agreed.mask)
+    return out.to(q.dtype).contiguous(), lse.contiguous(), _encode(agreed)
+
+
+@ring_fwd.register_fake
+def _(q, k, v, attn_mask, cu_seqlens, dropout_seed, is_causal, scale, dropout_p, layout,
+      window, softcap, head_offset, group_name):
+    p = dist.get_world_size(_group_of(group_name))
+    b, h, s = q.shape[:3]
+    return (q.new_empty((b, h, s, v.size(3))), q.new_empty((b, h, s), dtype=torch.float64),
+            torch.empty(_STATE + 2 * p, dtype=torch.int64))
+
+
+@torch.library.custom_op("ring_attn::ring_bwd", mutates_args=())
+def ring_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             state: Tensor, attn_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
+             is_causal: bool, head_offset: int, group_name: str,
+             create_graph: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's (dq, dk, dv) of the call that returned (out, lse, state)."""
+    info = group_info(_group_of(group_name))
+    spec = _spec(state.tolist(), info, q, is_causal, cu_seqlens, head_offset)
+    mask = None
+    if attn_mask is not None:
+        mask = normalize_mask(attn_mask, q, q.size(2) * info.world_size)
+    comm = RingComm(info) if info.world_size > 1 else None
+    with torch.set_grad_enabled(create_graph):  # what the double-backward refusal reads
+        grads = ring_backward(spec, comm, dout, q, k, v, out, lse, mask)
+    return tuple(g.contiguous() for g in grads)  # the strides the fake promises
+
+
+@ring_bwd.register_fake
+def _(dout, q, k, v, out, lse, state, attn_mask, cu_seqlens, is_causal, head_offset,
+      group_name, create_graph):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, mask, cu_seqlens, _, is_causal, *_, head_offset, group_name = inputs
+    out, lse, state = output
+    ctx.save_for_backward(q, k, v, out, lse, state, mask, cu_seqlens)
+    ctx.is_causal, ctx.head_offset, ctx.group_name = is_causal, head_offset, group_name
+    ctx.mark_non_differentiable(lse, state)
+
+
+def _backward(ctx: Any, dout: Tensor, _dlse: Optional[Tensor], _dstate: Optional[Tensor]):
+    q, k, v, out, lse, state, mask, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = ring_bwd(dout, q, k, v, out, lse, state, mask, cu_seqlens, ctx.is_causal,
+                          ctx.head_offset, ctx.group_name, torch.is_grad_enabled())
+    return (dq, dk, dv) + (None,) * 11
+
+
+ring_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool = False,
@@ -196,10 +296,12 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool
 
     Before any transfer, one all_gather checks that every rank agrees on shapes, dtype,
     device type, layout, causal, scale, dropout, mask presence, window, softcap,
-    cu_seqlens (length and a 64-bit hash) and the call's number in the group; a disagreement raises on every rank, naming the rank that differs. The
-    backward starts with one more small all_gather: ranks in the backwards of different
-    calls (a different backward order), or asking for a double backward
-    (create_graph=True, not supported), raise on every rank before any K/V moves.
+    cu_seqlens (length and a 64-bit hash) and the call's number in the group; a
+    disagreement raises on every rank, naming the rank that differs. The backward starts
+    with one more small all_gather: ranks in the backwards of different calls (a
+    different backward order), or asking for a double backward (create_graph=True, not
+    supported), raise on every rank before any K/V moves. One operator pair
+    (ring_attn::ring_fwd / ring_bwd): torch.compile(fullgraph=True) traces through it.
     NaN/inf propagate as in torch's math backend on the full sequence (blocks of a
     non-finite K/V shard, or of non-finite query rows, are computed, not skipped).
     """
@@ -224,16 +326,28 @@ def ring_attention_of_heads(query: Tensor, key: Tensor, value: Tensor, *,
     the dropout RNG key, so the slice drops what one device drops on those heads. With
     return_lse, (out, lse): lse [B, Hq, S_local] float64, no gradient (the hybrid's
     backward checks it for saturated rows on every rank of the mesh)."""
-    info = group_info(group)
-    agreed = agree_on_inputs(query, key, value, attn_mask, is_causal=is_causal,
-                             scale=scale, dropout_p=dropout_p, layout=layout, info=info,
-                             window=window, softcap=softcap, cu_seqlens=cu_seqlens,
-                             seed=dropout_seed)
-    spec = RingSpec(info.rank, info.world_size, agreed.layout, is_causal, agreed.scale,
-                    agreed.dropout_p, agreed.seed, query.size(2), agreed.kv_nonfinite,
-                    agreed.rows_nonfinite, agreed.call, agreed.window, agreed.softcap,
-                    cu_seqlens if agreed.docs is not None else None, agreed.docs,
-                    head_offset)
-    comm = RingComm(info) if info.world_size > 1 else None
-    out, lse = _RingAttention.apply(query, key, value, agreed.mask, spec, comm)
+    try:  # what the op's schema can carry; anything else raises on every rank
+        for arg, t in (("query", query), ("key", key), ("value", value)):
+            check_tensor(arg, t)
+        check_mask_type(attn_mask)
+        if layout != "auto":  # resolved in the op, by the agreement
+            check_layout(layout)
+        if cu_seqlens is not None:
+            check_tensor("cu_seqlens", cu_seqlens)
+        args = (check_bool("is_causal", is_causal), check_scale(scale),
+                check_dropout_p(dropout_p), check_window(window), check_softcap(softcap))
+    except (RingAttnException, TypeError, ValueError, IndexError):
+        agree_on_inputs(query, key, value, attn_mask, is_causal=is_causal, scale=scale,
+                        dropout_p=dropout_p, layout=layout, info=group_info(group),
+                        window=window, softcap=softcap, cu_seqlens=cu_seqlens,
+                        seed=dropout_seed)
+        raise
+    is_causal, scale, dropout_p, window, softcap = args
+    if not (dist.is_available() and dist.is_initialized()):
+        group_info(group)  # raises, saying how to initialise
+    name = (group if group is not None else dist.group.WORLD).group_name
+    out, lse, _ = ring_fwd(query, key, value, attn_mask, cu_seqlens, dropout_seed, is_causal,
+                           scale, dropout_p, layout,
+                           list(window) if window is not None else None, softcap,
+                           head_offset, name)
     return (out, lse) if return_lse else out

@@ -151,11 +151,11 @@ def _fingerprint(docs: Optional[tuple[int, ...]]) -> list[int]:
     return [len(docs), struct.unpack("<q", h)[0]]
 
 
-def _bits(x: float) -> int:
+def float_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _unbits(b: int) -> float:
+def bits_float(b: int) -> float:
     return struct.unpack("<d", struct.pack("<q", int(b)))[0]
 
 
@@ -175,13 +175,13 @@ def _show(name: str, value: int) -> str:
     if name in ("is_causal", "attn_mask presence"):
         return str(bool(value))
     if name in ("scale", "dropout_p", "softcap"):
-        return repr(_unbits(value))
+        return repr(bits_float(value))
     if name.startswith("cu_seqlens ("):
         return f"{value & (2**64 - 1):#018x}"
     return str(value)
 
 
-def _normalize_mask(mask: Tensor, q: Tensor, s_global: int) -> Tensor:
+def normalize_mask(mask: Tensor, q: Tensor, s_global: int) -> Tensor:
     """[..., S_local|1, S] broadcastable on batch and heads -> 4-D view."""
     if mask.dim() > 4 or mask.dim() < 2:
         raise RingAttnError(f"ring_attn: attn_mask must be 2-D to 4-D [..., S_local, S], "
@@ -256,7 +256,7 @@ def _local_check(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_
     if mask is None:
         return None, scale, dropout_p
     check_mask_values(mask, q)
-    return _normalize_mask(mask, q, s * info.world_size), scale, dropout_p
+    return normalize_mask(mask, q, s * info.world_size), scale, dropout_p
 
 
 def check_mask_values(mask: Tensor, q: Tensor) -> None:
@@ -279,10 +279,10 @@ def _describe(call: int, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
               docs: Optional[tuple[int, ...]]) -> list[int]:
     return [call, q.size(0), q.size(1), k.size(1), q.size(3), v.size(3), q.size(2), k.size(2),
             _DTYPES.index(q.dtype), _DEVICES.index(q.device.type), RING_LAYOUTS.index(layout),
-            int(bool(is_causal)), _bits(scale), _bits(dropout_p), int(mask is not None),
+            int(bool(is_causal)), float_bits(scale), float_bits(dropout_p), int(mask is not None),
             _DTYPES.index(mask.dtype) if mask is not None else -1,
             mask.size(-1) if mask is not None else -1,
-            *(window if window is not None else (-1, -1)), _bits(softcap), *_fingerprint(docs)]
+            *(window if window is not None else (-1, -1)), float_bits(softcap), *_fingerprint(docs)]
 
 
 def _wire_device(info: GroupInfo) -> torch.device:

@@ -111,3 +111,111 @@ def test_compiled_inductor_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch._inductor.config as inductor_config
     monkeypatch.setattr(inductor_config, "fallback_random", True)
     _check_compiled("cpu", "inductor", "dropout_causal", 2)
+
+
+# --- The ring under torch.compile ---------------------------------------------------------
+
+class RingBlock(nn.Module):
+    """Attention with the ring in the middle, as a sequence-parallel model has it: x is
+    this rank's zigzag shard of the sequence [B, S_local, dim]."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.attn = Attention(dim, heads, kv_heads)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                window: Optional[tuple[int, int]] = None, dropout_p: float = 0.0) -> Tensor:
+        a = self.attn
+        b, s, _ = x.shape
+        q = a.wq(x).view(b, s, a.heads, a.head_dim).transpose(1, 2)
+        k, v = a.wkv(x).view(b, s, 2, a.kv_heads, a.head_dim).unbind(2)
+        out = ring_attn.ring_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       attn_mask=attn_mask, window=window, dropout_p=dropout_p)
+        return a.wo(out.transpose(1, 2).reshape(b, s, -1)) + x
+
+
+def _ring_compiled(rank: int, world_size: int) -> list[str]:
+    """On every rank: the compiled block (fullgraph: any graph break raises) equals eager,
+    output and gradients, and eager equals the block on the whole sequence with torch's
+    SDPA in float64 (parameter gradients summed over ranks)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    done = []
+    for name, kw in (("causal GQA", {}), ("key padding + window", {"pad": 5, "window": (6, 0)}),
+                     ("dropout", {"dropout_p": 0.2})):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        block = RingBlock(32, 4, 2)
+        s = 16 * world_size
+        x = torch.randn(2, s, 32)
+        keep = torch.ones(2, s, dtype=torch.bool)
+        keep[:, s - kw.get("pad", 0):] = False
+        mask = keep[:, None, None, :] if "pad" in kw else None
+        xl = ring_attn.shard(x, dim=1)
+        call = {"attn_mask": mask, "window": kw.get("window"),
+                "dropout_p": kw.get("dropout_p", 0.0)}
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+        out_e, grads_e = _run(block, block, xl, call)
+        out_c, grads_c = _run(block, compiled, xl, call)
+        torch.testing.assert_close(out_c, out_e, rtol=0, atol=0, msg=name)
+        for ge, gc in zip(grads_e, grads_c):
+            torch.testing.assert_close(gc, ge, rtol=0, atol=0, msg=name)
+        if "dropout_p" not in kw:  # the reference: the whole sequence, float64, torch SDPA
+            ref = block.double()
+            xd = x.double().requires_grad_()
+            a = ref.attn
+            q = a.wq(xd).view(2, s, 4, 8).transpose(1, 2)
+            k, v = a.wkv(xd).view(2, s, 2, 2, 8).unbind(2)
+            k, v = (t.transpose(1, 2).repeat_interleave(2, dim=1) for t in (k, v))
+            i = torch.arange(s)
+            left = kw.get("window", (s, 0))[0]
+            vis = (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - left)
+            vis = vis & keep[:, None, None, :]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=vis)
+            y = a.wo(o.transpose(1, 2).reshape(2, s, -1)) + xd
+            grads_r = torch.autograd.grad(y, [xd, *ref.parameters()], torch.ones_like(y))
+            torch.testing.assert_close(out_e.double(), ring_attn.shard(y.detach(), dim=1),
+                                       rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(grads_e[0].double(), ring_attn.shard(grads_r[0], dim=1),
+                                       rtol=1e-5, atol=1e-5, msg=name)
+            for ge, gr in zip(grads_e[1:], grads_r[1:]):
+                total = ge.clone()
+                dist.all_reduce(total)
+                torch.testing.assert_close(total.double(), gr, rtol=1e-5, atol=1e-5, msg=name)
+        done.append(name)
+    return done
+
+
+def test_ring_compiles_without_graph_break(tmp_path) -> None:
+    """torch.compile(fullgraph=True) through ring_attn.ring_attention at P = 2 (gloo): the
+    ring is one opaque op (ring_attn::ring_fwd / ring_bwd), so nothing breaks the graph,
+    and the compiled block gives eager's bits and the whole-sequence float64 reference."""
+    from dist_utils import assert_all_ok, run_ranks
+    per_rank = assert_all_ok(run_ranks(_ring_compiled, 2, tmp_path, join_timeout_s=300))
+    assert all(len(done) == 3 for done in per_rank), per_rank
+
+
+def _ring_opcheck(rank: int, world_size: int) -> int:
+    """torch.library.opcheck of ring_attn::ring_fwd on a one-rank group: schema, fake
+    kernel, autograd registration. Not test_aot_dispatch_*: they compare two calls'
+    outputs, and `state` carries the call's number in its group, one more each call (what
+    lets the backward check that every rank is in the same call's); the compiled path,
+    backward included, is test_ring_compiles_without_graph_break's."""
+    import torch.distributed as dist
+    from torch.library import opcheck
+    name = dist.group.WORLD.group_name
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 8, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 8, 16, generator=g, requires_grad=True) for _ in "kv")
+    mask = torch.rand(1, 1, 8, 8, generator=g) > 0.2
+    cases = [(q, k, v, None, None, None, True, None, 0.0, "zigzag", None, 0.0, 0, name),
+             (q, k, v, mask, None, None, False, 0.3, 0.0, "contiguous", [3, 1], 5.0, 0, name)]
+    for args in cases:
+        opcheck(torch.ops.ring_attn.ring_fwd.default, args,
+                test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    return len(cases)
+
+
+def test_ring_ops_pass_opcheck(tmp_path) -> None:
+    from dist_utils import assert_all_ok, run_ranks
+    assert assert_all_ok(run_ranks(_ring_opcheck, 1, tmp_path, join_timeout_s=300)) == [2]

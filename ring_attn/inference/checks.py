@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from ..errors import RingAttnError, RingAttnTypeError
 from ..functional import _has_kernel, check_scale, check_tensor
-from ..validate import RingInputError, _DEVICES, _DTYPES, _bits, _fingerprint, _unbits
-from ..validate import agree_on_fields
+from ..validate import (_DEVICES, _DTYPES, RingInputError, _fingerprint, agree_on_fields,
+                        bits_float, float_bits)
 from .cache import ShardedKVCache, decode_owners, placement
 from .strategy import STRATEGIES, check_strategy, choose_strategy
 
@@ -41,7 +41,7 @@ def _show(name: str, value: int) -> str:
     if name == "device type":
         return _DEVICES[value] if 0 <= value < len(_DEVICES) else "?"
     if name == "scale":
-        return repr(_unbits(value))
+        return repr(bits_float(value))
     if name == "strategy":
         return repr(STRATEGIES[value]) if 0 <= value < len(STRATEGIES) else "?"
     if name.startswith("call"):
@@ -143,7 +143,7 @@ def agree(kind: int, q: Tensor, k: Tensor, v: Tensor, cache: ShardedKVCache, lay
                              cache_seqlens)
         counts = cache.counts(layer)
         fields = [kind, layer, q.size(0), q.size(1), k.size(1), q.size(3), v.size(3),
-                  _DTYPES.index(q.dtype), _DEVICES.index(q.device.type), _bits(scale),
+                  _DTYPES.index(q.dtype), _DEVICES.index(q.device.type), float_bits(scale),
                   STRATEGIES.index(strategy), q.size(2) if kind == 1 else -1, sum(counts),
                   _fingerprint(tuple(counts))[1]]
         mine = [q.size(2), counts[info.rank]]

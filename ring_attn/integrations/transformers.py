@@ -148,18 +148,6 @@ def _make_mask_function(group: Any, layout: str) -> Callable[..., Optional[Tenso
 
 # --- Attention ------------------------------------------------------------------------
 
-@torch.compiler.disable
-def _ring_outside_graph(*args: Any, **kwargs: Any) -> Tensor:
-    """ring_attention, run eagerly under torch.compile. Traced, the ring breaks the graph
-    at its cross-rank agreement check, which reads an all_gather result on the host:
-    torch._dynamo.explain on a Llama counted 15 breaks and 16 graphs; with the call
-    disabled, 9 breaks and 10 graphs, all at this call (explain counts each break once per
-    enclosing frame and code path, so the counts do not grow with the number of layers).
-    No break at all would need the ring as one opaque custom op (fwd + bwd ops taking the
-    group by name), which belongs in ring.py."""
-    return ring_attention(*args, **kwargs)
-
-
 def _layer_window(module: torch.nn.Module, passed: Optional[int], where: str) -> Optional[int]:
     """The layer's sliding window. Most models pass sliding_window to the attention
     function; some (Qwen2-MoE, PhiMoE, ... in transformers 5.24) build a sliding-window
@@ -245,10 +233,10 @@ def _make_attention_function(group: Any, layout: str) -> Callable[..., tuple[Ten
             raise ValueError(
                 f"{where}: attention_mask must be [B, 1, S_local or 1, S] with S={s} keys in "
                 f"global order, got shape {tuple(attention_mask.shape)}{hint}")
-        out = _ring_outside_graph(query, key, value, is_causal=True, scale=scaling,
-                                  attn_mask=attention_mask, dropout_p=float(dropout),
-                                  group=group, layout=layout, window=window,
-                                  softcap=softcap)
+        # One node under torch.compile: the ring is an opaque op (ring.py).
+        out = ring_attention(query, key, value, is_causal=True, scale=scaling,
+                             attn_mask=attention_mask, dropout_p=float(dropout), group=group,
+                             layout=layout, window=window, softcap=softcap)
         return out.transpose(1, 2).contiguous(), None
     return ring_attention_forward
 

@@ -62,9 +62,9 @@ from ..errors import SATURATED, RingAttnError, RingAttnException, refuse_double_
 from ..functional import draw_seed
 from ..layout import LAYOUTS, check_layout, required_multiple
 from ..merge import acc_dtype, saturated_rows
-from ..validate import (_DEVICES, _DTYPES, _ROW, RingInputError, _bits, _check_equal,
-                        _gather, _local_check, _next_call, _show, agree_on_backward,
-                        check_mask_values)
+from ..validate import (_DEVICES, _DTYPES, _ROW, RingInputError, _check_equal, _gather,
+                        _local_check, _next_call, _show, agree_on_backward,
+                        check_mask_values, float_bits)
 
 Tensor = torch.Tensor
 
@@ -324,7 +324,7 @@ def agree(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], *, is_causal:
             layout=layout, row=row, ring_size=ring_size)
         fields = [q.size(0), q.size(1), k.size(1), q.size(3), v.size(3), q.size(2), k.size(2),
                   _DTYPES.index(q.dtype), _DEVICES.index(q.device.type),
-                  LAYOUTS.index(layout), int(is_causal), _bits(scale), _bits(dropout_p),
+                  LAYOUTS.index(layout), int(is_causal), float_bits(scale), float_bits(dropout_p),
                   int(mask is not None), _DTYPES.index(mask.dtype) if mask is not None else -1]
     except (RingAttnException, TypeError, ValueError, IndexError, NotImplementedError) as e:
         if all(g.world_size == 1 for g, _, _ in groups):
