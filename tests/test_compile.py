@@ -134,10 +134,13 @@ class RingBlock(nn.Module):
         return a.wo(out.transpose(1, 2).reshape(b, s, -1)) + x
 
 
-def _ring_compiled(rank: int, world_size: int) -> list[str]:
+def _ring_compiled(rank: int, world_size: int, backend: str) -> list[str]:
     """On every rank: the compiled block (fullgraph: any graph break raises) equals eager,
-    output and gradients, and eager equals the block on the whole sequence with torch's
-    SDPA in float64 (parameter gradients summed over ranks)."""
+    output and gradients (bit for bit under aot_eager, which runs eager's kernels; within
+    1e-5 under inductor, which generates its own for the projections), and eager equals
+    the block on the whole sequence with torch's SDPA in float64 (parameter gradients
+    summed over ranks)."""
+    tol = 0.0 if backend == "aot_eager" else 1e-5
     import torch.distributed as dist
     import torch.nn.functional as F
     done = []
@@ -154,12 +157,12 @@ def _ring_compiled(rank: int, world_size: int) -> list[str]:
         xl = ring_attn.shard(x, dim=1)
         call = {"attn_mask": mask, "window": kw.get("window"),
                 "dropout_p": kw.get("dropout_p", 0.0)}
-        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+        compiled = torch.compile(block, backend=backend, fullgraph=True)
         out_e, grads_e = _run(block, block, xl, call)
         out_c, grads_c = _run(block, compiled, xl, call)
-        torch.testing.assert_close(out_c, out_e, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(out_c, out_e, rtol=tol, atol=tol, msg=name)
         for ge, gc in zip(grads_e, grads_c):
-            torch.testing.assert_close(gc, ge, rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(gc, ge, rtol=tol, atol=tol, msg=name)
         if "dropout_p" not in kw:  # the reference: the whole sequence, float64, torch SDPA
             ref = block.double()
             xd = x.double().requires_grad_()
@@ -186,12 +189,16 @@ def _ring_compiled(rank: int, world_size: int) -> list[str]:
     return done
 
 
-def test_ring_compiles_without_graph_break(tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor",
+                                                                marks=pytest.mark.slow)])
+def test_ring_compiles_without_graph_break(tmp_path, backend: str) -> None:
     """torch.compile(fullgraph=True) through ring_attn.ring_attention at P = 2 (gloo): the
     ring is one opaque op (ring_attn::ring_fwd / ring_bwd), so nothing breaks the graph,
-    and the compiled block gives eager's bits and the whole-sequence float64 reference."""
+    and the compiled block gives eager's results and the whole-sequence float64
+    reference. Dropout matches under inductor too: the seed is drawn inside the op."""
     from dist_utils import assert_all_ok, run_ranks
-    per_rank = assert_all_ok(run_ranks(_ring_compiled, 2, tmp_path, join_timeout_s=300))
+    per_rank = assert_all_ok(run_ranks(_ring_compiled, 2, tmp_path, backend,
+                                       join_timeout_s=600))
     assert all(len(done) == 3 for done in per_rank), per_rank
 
 
