@@ -186,6 +186,23 @@ def _ring_compiled(rank: int, world_size: int, backend: str) -> list[str]:
                 dist.all_reduce(total)
                 torch.testing.assert_close(total.double(), gr, rtol=1e-5, atol=1e-5, msg=name)
         done.append(name)
+    # A compiled function calling F.scaled_dot_product_attention inside the
+    # sequence_parallel context (which patches it to the ring): the same op, no break.
+    torch._dynamo.reset()
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    g = torch.Generator().manual_seed(3)
+    full = [torch.randn(1, 2, 8 * world_size, 16, generator=g) for _ in "qkv"]
+    local = [ring_attn.shard(t) for t in full]
+    with ring_attn.sequence_parallel(layout="zigzag"):
+        out_c = torch.compile(attend, backend=backend, fullgraph=True)(*local)
+        out_e = attend(*local)
+    torch.testing.assert_close(out_c, out_e, rtol=tol, atol=tol)
+    ref = 2 * F.scaled_dot_product_attention(*(t.double() for t in full), is_causal=True)
+    torch.testing.assert_close(out_c.double(), ring_attn.shard(ref), rtol=1e-5, atol=1e-5)
+    done.append("sequence_parallel")
     return done
 
 
@@ -199,7 +216,7 @@ def test_ring_compiles_without_graph_break(tmp_path, backend: str) -> None:
     from dist_utils import assert_all_ok, run_ranks
     per_rank = assert_all_ok(run_ranks(_ring_compiled, 2, tmp_path, backend,
                                        join_timeout_s=600))
-    assert all(len(done) == 3 for done in per_rank), per_rank
+    assert all(len(done) == 4 for done in per_rank), per_rank
 
 
 def _ring_opcheck(rank: int, world_size: int) -> int:
