@@ -141,7 +141,8 @@ def ring_backward(spec: RingSpec, comm: Optional[RingComm], dout: Tensor, q: Ten
 # graph, eager and compiled alike; the agreement and everything the backward needs from
 # it travel in `state`, an int64 vector:
 #   [call, seed?, seed, scale bits, dropout_p bits, layout, window?, left, right,
-#    softcap bits, kv_nonfinite x P, rows_nonfinite x P]
+#    softcap bits, kv_nonfinite x P, rows_nonfinite x P, cu_seqlens' values if any]
+# (the documents ride along so the backward needs no device-to-host copy of cu_seqlens)
 _STATE = 10
 
 
@@ -159,13 +160,14 @@ def _encode(agreed: Agreed) -> Tensor:
                          float_bits(agreed.scale), float_bits(agreed.dropout_p),
                          RING_LAYOUTS.index(agreed.layout), int(agreed.window is not None),
                          left, right, float_bits(agreed.softcap),
-                         *agreed.kv_nonfinite, *agreed.rows_nonfinite], dtype=torch.int64)
+                         *agreed.kv_nonfinite, *agreed.rows_nonfinite, *(agreed.docs or ())],
+                        dtype=torch.int64)
 
 
 def _spec(state: list[int], info: GroupInfo, q: Tensor, is_causal: bool,
           cu_seqlens: Optional[Tensor], head_offset: int) -> RingSpec:
     p = info.world_size
-    docs = tuple(int(x) for x in cu_seqlens.tolist()) if cu_seqlens is not None else None
+    docs = tuple(state[_STATE + 2 * p:]) if cu_seqlens is not None else None
     return RingSpec(info.rank, p, RING_LAYOUTS[state[5]], is_causal, bits_float(state[3]),
                     bits_float(state[4]),
                     torch.tensor(state[2], dtype=torch.int64) if state[1] else None,
@@ -202,8 +204,9 @@ def _(q, k, v, attn_mask, cu_seqlens, dropout_seed, is_causal, scale, dropout_p,
       window, softcap, head_offset, group_name):
     p = dist.get_world_size(_group_of(group_name))
     b, h, s = q.shape[:3]
+    docs = cu_seqlens.size(0) if cu_seqlens is not None else 0
     return (q.new_empty((b, h, s, v.size(3))), q.new_empty((b, h, s), dtype=torch.float64),
-            torch.empty(_STATE + 2 * p, dtype=torch.int64))
+            torch.empty(_STATE + 2 * p + docs, dtype=torch.int64))
 
 
 @torch.library.custom_op("ring_attn::ring_bwd", mutates_args=())
